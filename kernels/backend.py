@@ -1,0 +1,95 @@
+"""Which implementation of a fused op runs: ``cuda`` (csrc), ``triton`` or ``torch``.
+
+The choice is made per call from where the tensors live and what is built:
+
+* ``cuda``   the csrc extension is built/loadable, has this op, and the inputs are CUDA tensors;
+* ``triton`` the inputs are CUDA tensors and triton imports, or ``TRITON_INTERPRET=1`` is set
+             (the interpreter then runs the kernels on CPU tensors);
+* ``torch``  the plain PyTorch reference.
+
+``LEAPALIGN_BACKEND=cuda|triton|torch`` forces one; forcing one that cannot run is an error,
+never a silent fallback, so a benchmark always measures what it says it measures.
+``last_backend(op)`` tells which one ran for the most recent call of ``op``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch")
+ENV_VAR = "LEAPALIGN_BACKEND"
+
+_last: dict[str, str] = {}
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def csrc_has(op: str) -> bool:
+    """True when the compiled csrc extension provides ``op`` (loading it lazily)."""
+    try:
+        from kernels import _csrc
+    except ImportError:
+        return False
+    return _csrc.has_op(op)
+
+
+def csrc_status() -> str:
+    """One line saying whether the CUDA extension is usable, and if not, why."""
+    try:
+        from kernels import _csrc
+    except ImportError as e:
+        return f"csrc unavailable: {e}"
+    return _csrc.status()
+
+
+def _available(name: str, op: str, on_cuda: bool) -> tuple[bool, str]:
+    if name == "torch":
+        return True, ""
+    if name == "triton":
+        if not triton_importable():
+            return False, "triton is not installed"
+        if on_cuda or triton_interpret():
+            return True, ""
+        return False, "inputs are on CPU and TRITON_INTERPRET=1 is not set"
+    if name == "cuda":
+        if not on_cuda:
+            return False, "inputs are not CUDA tensors"
+        if not csrc_has(op):
+            return False, csrc_status()
+        return True, ""
+    raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {name!r}")
+
+
+def pick(op: str, *tensors: torch.Tensor | None) -> str:
+    """Choose the backend for one call of ``op`` on ``tensors`` and record it."""
+    on_cuda = any(t is not None and t.is_cuda for t in tensors)
+    forced = os.environ.get(ENV_VAR, "").strip().lower()
+    if forced:
+        ok, why = _available(forced, op, on_cuda)
+        if not ok:
+            raise RuntimeError(f"{ENV_VAR}={forced} was forced for op {op!r}, but it cannot run: {why}")
+        choice = forced
+    else:
+        choice = next(b for b in BACKENDS if _available(b, op, on_cuda)[0])
+    _last[op] = choice
+    return choice
+
+
+def last_backend(op: str) -> str | None:
+    """The backend that ran the most recent call of ``op`` (None if it never ran)."""
+    return _last.get(op)
+
+
+def report() -> dict[str, str]:
+    """Backend of the latest call of every op that has run, e.g. for a benchmark's JSON."""
+    return dict(_last)
