@@ -1,0 +1,196 @@
+"""LeapAlign and the baselines it is compared with, behind one interface.
+
+Every method is a small dataclass holding its hyper-parameters, with
+``draw(T, generator, x1)`` for its random choices (so they are reproducible and testable) and
+``loss(velocity, reward, x1, sigmas, **choices)`` returning an ``EstimatorOutput``.
+All share the rollout convention (fp32 latents, Euler over Flux sigmas) and the reward loss
+relu(lambda - r).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from engine.leap import EstimatorOutput, Reward, Velocity, check_hparams, check_sigmas, leapalign, reward_loss
+from engine.schedule import euler_step, sample_step_pair
+
+
+def _check_lam(lam: float) -> None:
+    if not torch.isfinite(torch.tensor(lam)):
+        raise ValueError(f"lambda must be finite, got {lam}")
+
+
+def _last_steps(T: int, m: int, generator: torch.Generator) -> int:
+    """A step index drawn uniformly from the last m of T steps."""
+    if not 1 <= m <= T:
+        raise ValueError(f"the stop window must satisfy 1 <= m <= T, got m={m}, T={T}")
+    return T - 1 - int(torch.randint(m, (1,), generator=generator))
+
+
+def _check_reward(r: torch.Tensor, batch: int) -> torch.Tensor:
+    if r.shape != (batch,):
+        raise ValueError(f"reward must return one score per sample, shape ({batch},), got {tuple(r.shape)}")
+    return r
+
+
+@dataclass
+class LeapAlign:
+    alpha: float = 0.3
+    lam: float = 0.55
+    tau: float = 0.1
+    weighting: bool = True
+    pair_window: int = 0          # 0: (k, j) uniform over all T steps; m > 0: both within the last m
+
+    def draw(self, T: int, generator: torch.Generator, x1: torch.Tensor) -> dict:
+        if self.pair_window:
+            if not 2 <= self.pair_window <= T:
+                raise ValueError(f"pair_window must be 0 or in [2, T={T}], got {self.pair_window}")
+            k, j = sample_step_pair(self.pair_window, generator)
+            off = T - self.pair_window
+            return {"k": k + off, "j": j + off}
+        k, j = sample_step_pair(T, generator)
+        return {"k": k, "j": j}
+
+    def loss(self, velocity: Velocity, reward: Reward, x1, sigmas, k: int, j: int) -> EstimatorOutput:
+        return leapalign(velocity, reward, x1, sigmas, k, j, self.alpha, self.lam, self.tau, self.weighting)
+
+
+@dataclass
+class ReFL:
+    """Stop at a step t drawn from the last m, one step with gradient, reward on xhat_0."""
+
+    lam: float = 0.55
+    last_m: int = 11
+
+    def draw(self, T, generator, x1) -> dict:
+        return {"t": _last_steps(T, min(self.last_m, T), generator)}
+
+    def loss(self, velocity, reward, x1, sigmas, t: int) -> EstimatorOutput:
+        T = check_sigmas(sigmas)
+        if not 0 <= t < T:
+            raise ValueError(f"ReFL stop step must lie in [0, {T}), got t={t}")
+        sig = sigmas.to(x1.device)
+        x = x1.detach()
+        with torch.no_grad():
+            for i in range(t):
+                x = euler_step(x, velocity(x, sig[i]), sig[i], sig[i + 1])
+        xhat0 = x - sig[t].to(x.dtype) * velocity(x, sig[t]).to(x.dtype)
+        r = _check_reward(reward(xhat0), x1.shape[0])
+        return EstimatorOutput(reward_loss(r, self.lam), r.detach(), xhat0.detach(),
+                               {"t": t, "sigma_t": float(sigmas[t])}, t + 1)
+
+
+@dataclass
+class DRaFTLV:
+    """Full no-grad rollout; re-noise x_0 n times at the last sigma and take one graded step."""
+
+    lam: float = 0.55
+    n: int = 2
+
+    def draw(self, T, generator, x1) -> dict:
+        if self.n < 1:
+            raise ValueError(f"DRaFT-LV needs n >= 1 re-noisings, got n={self.n}")
+        eps = torch.randn((self.n, *x1.shape), generator=generator, dtype=torch.float32)
+        return {"eps": eps}
+
+    def loss(self, velocity, reward, x1, sigmas, eps: torch.Tensor) -> EstimatorOutput:
+        T = check_sigmas(sigmas)
+        sig = sigmas.to(x1.device)
+        x = x1.detach()
+        with torch.no_grad():
+            for i in range(T):
+                x = euler_step(x, velocity(x, sig[i]), sig[i], sig[i + 1])
+        s = sig[T - 1].to(x.dtype)
+        total, rewards = 0.0, []
+        for e in eps.to(device=x.device, dtype=x.dtype):
+            xs = (1 - s) * x + s * e
+            xhat0 = xs - s * velocity(xs, sig[T - 1]).to(x.dtype)
+            r = _check_reward(reward(xhat0), x1.shape[0])
+            total = total + reward_loss(r, self.lam)   # the n reward gradients add up
+            rewards.append(r.detach())
+        return EstimatorOutput(total, torch.stack(rewards).mean(0), x.detach(), {"n": len(rewards)}, T + len(rewards))
+
+
+@dataclass
+class DRTune:
+    """Model inputs detached at every step; K evenly spaced steps keep gradient; early stop."""
+
+    lam: float = 0.55
+    K: int = 2
+    last_m: int = 11
+
+    def draw(self, T, generator, x1) -> dict:
+        if self.K < 1:
+            raise ValueError(f"DRTune needs K >= 1 training steps, got K={self.K}")
+        t = _last_steps(T, min(self.last_m, T), generator)
+        n = t + 1
+        K = min(self.K, n)
+        stride = n // K
+        start = int(torch.randint(n - (K - 1) * stride, (1,), generator=generator))
+        return {"t": t, "train": [start + i * stride for i in range(K)]}
+
+    def loss(self, velocity, reward, x1, sigmas, t: int, train: list[int]) -> EstimatorOutput:
+        T = check_sigmas(sigmas)
+        if not 0 <= t < T or any(not 0 <= i <= t for i in train):
+            raise ValueError(f"DRTune needs 0 <= train steps <= t < T={T}, got t={t}, train={train}")
+        sig = sigmas.to(x1.device)
+        x = x1.detach()
+        for i in range(t + 1):
+            inp = x.detach()
+            if i in train:
+                v = velocity(inp, sig[i])
+            else:
+                with torch.no_grad():
+                    v = velocity(inp, sig[i])
+            if i == t:
+                xhat0 = x - sig[t].to(x.dtype) * v.to(x.dtype)
+            else:
+                x = euler_step(x, v, sig[i], sig[i + 1])
+        r = _check_reward(reward(xhat0), x1.shape[0])
+        return EstimatorOutput(reward_loss(r, self.lam), r.detach(), xhat0.detach(),
+                               {"t": t, "train": list(train)}, t + 1)
+
+
+@dataclass
+class FullBackprop:
+    """Backprop through the whole trajectory; each step checkpointed (keeps only step inputs)."""
+
+    lam: float = 0.55
+    checkpointing: bool = True
+
+    def draw(self, T, generator, x1) -> dict:
+        return {}
+
+    def loss(self, velocity, reward, x1, sigmas) -> EstimatorOutput:
+        T = check_sigmas(sigmas)
+        sig = sigmas.to(x1.device)
+        x = x1.detach()
+        for i in range(T):
+            if self.checkpointing:
+                v = checkpoint(velocity, x, sig[i], use_reentrant=False)
+            else:
+                v = velocity(x, sig[i])
+            x = euler_step(x, v, sig[i], sig[i + 1])
+        r = _check_reward(reward(x), x1.shape[0])
+        return EstimatorOutput(reward_loss(r, self.lam), r.detach(), x.detach(), {}, T)
+
+
+METHODS = {"leapalign": LeapAlign, "refl": ReFL, "draft-lv": DRaFTLV, "drtune": DRTune, "full": FullBackprop}
+
+
+def make_method(name: str, **params):
+    """Build a method by name; unknown names or parameters are errors naming them."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    cls = METHODS[name]
+    allowed = {f.name for f in fields(cls)}
+    bad = sorted(set(params) - allowed)
+    if bad:
+        raise ValueError(f"method {name!r} has no parameter(s) {bad}; it takes {sorted(allowed)}")
+    m = cls(**params)
+    if isinstance(m, LeapAlign):
+        check_hparams(m.alpha, m.tau)
+    _check_lam(m.lam)
+    return m
