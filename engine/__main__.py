@@ -1,0 +1,62 @@
+"""python -m engine {train, sample}"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _train(args) -> int:
+    from engine.config import load_config
+    from engine.trainer import LeapTrainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = LeapTrainer(cfg)
+    print(f"device: {trainer.device}; method: {cfg.method.name} {trainer.method}; "
+          f"trainable parameters: {sum(p.numel() for p in trainer.params.values()):,}", flush=True)
+    summary = trainer.train(resume=args.resume)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _sample(args) -> int:
+    from engine.report import save_grid
+    from engine.trainer import LeapTrainer
+
+    cfg = LeapTrainer.config_from_checkpoint(args.checkpoint)
+    trainer = LeapTrainer(cfg)
+    trainer.load_checkpoint(args.checkpoint)
+    prompts = args.prompt * args.n
+    if args.ema:
+        with trainer.ema_weights():
+            images, rewards = trainer.sample(prompts, seed=args.seed, num_steps=args.steps)
+    else:
+        images, rewards = trainer.sample(prompts, seed=args.seed, num_steps=args.steps)
+    save_grid(images, args.out)
+    for p, r in zip(prompts, rewards.tolist()):
+        print(f"{r:.4f}  {p}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="fine-tune with a reward-gradient method")
+    t.add_argument("--config", default=None, help="YAML config (configs/*.yaml); defaults apply without one")
+    t.add_argument("--resume", default=None, help="checkpoint to resume from")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=10 method.params.alpha=0.1")
+    s = sub.add_parser("sample", help="sample images from a checkpoint")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--prompt", action="append", required=True, help="may be repeated")
+    s.add_argument("--n", type=int, default=1, help="images per prompt")
+    s.add_argument("--seed", type=int, default=1234)
+    s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's T)")
+    s.add_argument("--ema", action="store_true", help="sample with the EMA weights")
+    s.add_argument("--out", default="samples.png")
+    args = ap.parse_args(argv)
+    return {"train": _train, "sample": _sample}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Run configuration: plain dataclasses, loaded from YAML, overridden by ``key=value`` pairs.
+
+Unknown keys are errors (a typo in a config must not silently train with a default).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    source: str = "tiny"              # "tiny" (embedded, built from seed) or a local diffusers folder
+    seed: int = 0                     # weights seed of the tiny model
+    dtype: str = "float32"            # weight dtype: float32 | bfloat16
+    guidance_scale: float = 3.5       # Flux-dev's distilled guidance embedding
+    height: int = 32
+    width: int = 32
+
+
+@dataclass
+class MethodConfig:
+    name: str = "leapalign"           # leapalign | refl | draft-lv | drtune | full
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class RewardConfig:
+    name: str = "colour"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 1e-4
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    rank: int = 64
+    alpha: float = 64.0
+    # diffusers' Flux attention and MLP linears (double and single blocks)
+    targets: list = field(default_factory=lambda: [
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"])
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    prompts: list = field(default_factory=lambda: ["a red square"])
+    eval_prompts: list = field(default_factory=list)   # empty: the training prompts
+    steps: int = 100
+    batch_size: int = 1
+    num_steps: int = 25               # T, sampling steps of the rollout
+    seed: int = 0
+    device: str = "auto"              # auto | cpu | cuda
+    output_dir: str = "runs/default"
+    checkpoint_every: int = 0         # 0: only at the end
+    samples: int = 4                  # images per grid
+
+    def validate(self) -> "TrainConfig":
+        if self.num_steps < 2:
+            raise ValueError(f"num_steps (T) must be >= 2 so that k != j, got {self.num_steps}")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.prompts:
+            raise ValueError("prompts must not be empty")
+        if self.model.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"model.dtype must be float32 or bfloat16, got {self.model.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if not 0.0 <= self.optim.ema_decay < 1.0:
+            raise ValueError(f"optim.ema_decay must lie in [0, 1), got {self.optim.ema_decay}")
+        return self
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {[f'{where}{u}' for u in unknown]}; valid: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{where}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint, f"{where}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, name: str):
+    """Check a value against its field's type. YAML 1.1 reads '1e-3' as a string, so float
+    fields also take numbers written that way."""
+    bad = ValueError(f"config key {name} must be of type {hint.__name__}, got {value!r}")
+    if isinstance(value, bool) and hint is not bool:
+        raise bad
+    if hint is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if hint is tuple and isinstance(value, list):
+        return tuple(value)
+    if not isinstance(value, hint):
+        raise bad
+    return value
+
+
+def _parse_value(text: str):
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``a.b=value`` pairs onto a nested dict (values parsed as YAML scalars or lists)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+        key, text = item.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p!r} is not a section")
+        node[parts[-1]] = _parse_value(text)
+    return data
+
+
+def to_dict(cfg) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["optim"]["betas"] = list(d["optim"]["betas"])
+    return d
+
+
+def from_dict(data: dict) -> TrainConfig:
+    return _build(TrainConfig, data, "").validate()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    data = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+    return from_dict(apply_overrides(data, list(overrides)))

@@ -1,0 +1,54 @@
+"""What a run leaves for a person to look at: sample grids, the reward curve, the JSONL log."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
+    """(B, 3, H, W) images in [0, 1] -> one PNG, nrow images per row."""
+    from PIL import Image
+
+    imgs = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    b, _, h, w = imgs.shape
+    nrow = nrow or min(b, 8)
+    rows = (b + nrow - 1) // nrow
+    grid = torch.zeros(3, rows * (h + 2) + 2, nrow * (w + 2) + 2, dtype=torch.uint8)
+    for i in range(b):
+        r, c = divmod(i, nrow)
+        grid[:, 2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = imgs[i]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_reward_curve(log_path: str | Path, png_path: str | Path, window: int = 10) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_jsonl(log_path) if "reward" in r and not r.get("skipped_step")]
+    if not rows:
+        return
+    steps = np.array([r["step"] for r in rows])
+    reward = np.array([r["reward"] for r in rows])
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(steps, reward, alpha=0.35, label="reward (per step)")
+    if len(reward) >= window:
+        smooth = np.convolve(reward, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, label=f"moving mean ({window})")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)

@@ -1,0 +1,195 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LeapTrainer
+from engine.config import load_config
+from engine.rewards import ColourReward
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cfg(tmp_path, *extra):
+    return load_config(None, ["model.height=32", "model.width=32", "num_steps=4", "steps=4", "batch_size=2",
+                              "optim.lr=1e-3", "prompts=[a red square, a blue circle]", "samples=2",
+                              f"output_dir={tmp_path}", *extra])
+
+
+def weights(trainer):
+    return {n: p.detach().clone() for n, p in trainer.params.items()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+
+
+@pytest.mark.parametrize("extra", [[], ["lora.enabled=true", "lora.rank=4", "lora.alpha=4"],
+                                   ["method.name=drtune"]])
+def test_resume_is_exact(tmp_path, extra):
+    straight = LeapTrainer(cfg(tmp_path / "a", *extra))
+    for _ in range(4):
+        straight.step()
+
+    first = LeapTrainer(cfg(tmp_path / "b", *extra))
+    for _ in range(2):
+        first.step()
+    first.save_checkpoint(tmp_path / "b" / "ck.safetensors")
+    resumed = LeapTrainer(cfg(tmp_path / "b", *extra))
+    resumed.load_checkpoint(tmp_path / "b" / "ck.safetensors")
+    assert resumed.step_count == 2
+    for _ in range(2):
+        resumed.step()
+    assert_same(weights(straight), weights(resumed))
+    for n in straight.ema:
+        assert torch.equal(straight.ema[n], resumed.ema[n])
+    assert torch.equal(straight.generator.get_state(), resumed.generator.get_state())
+
+
+def test_training_moves_weights_and_logs(tmp_path):
+    t = LeapTrainer(cfg(tmp_path))
+    before = weights(t)
+    summary = t.train()
+    assert summary["steps"] == 4 and summary["skipped"] == 0
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert len(rows) == 4
+    for key in ("loss", "reward", "d_j", "d_0", "weight", "k", "j", "grad_norm", "step_time_s", "peak_mem_bytes"):
+        assert all(key in r for r in rows), key
+    assert all(0 <= r["k"] < r["j"] < 4 for r in rows)
+    for name in ("samples_before.png", "samples_after.png", "reward_curve.png", "checkpoint.safetensors"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert any(not torch.equal(before[n], p) for n, p in t.params.items())
+
+
+def test_lora_trains_only_adapters(tmp_path):
+    t = LeapTrainer(cfg(tmp_path, "lora.enabled=true", "lora.rank=4"))
+    assert t.params and all("lora_" in n for n in t.params)
+    frozen = {n: p.detach().clone() for n, p in t.transformer.named_parameters() if not p.requires_grad}
+    t.step()
+    for n, p in t.transformer.named_parameters():
+        if n in frozen:
+            assert torch.equal(frozen[n], p), n
+
+
+class NaNReward(ColourReward):
+    def score(self, images, prompts):
+        return super().score(images, prompts) * float("nan")
+
+
+def test_nan_reward_skips_the_step(tmp_path):
+    t = LeapTrainer(cfg(tmp_path), reward=NaNReward())
+    t.step()   # no update ever happens, so the optimizer has no state
+    before = weights(t)
+    with pytest.warns(UserWarning, match="non-finite"):
+        m = t.step()
+    assert m["skipped_step"] and t.skipped == 2
+    assert_same(before, weights(t))
+    assert not t.optimizer.state
+
+
+def test_checkpoint_from_another_model_is_refused(tmp_path):
+    a = LeapTrainer(cfg(tmp_path))
+    a.save_checkpoint(tmp_path / "a.safetensors")
+    lora = LeapTrainer(cfg(tmp_path, "lora.enabled=true", "lora.rank=4"))
+    lora.save_checkpoint(tmp_path / "lora4.safetensors")
+
+    b = LeapTrainer(cfg(tmp_path, "model.seed=1"))   # same architecture, other weights: allowed
+    b.load_checkpoint(tmp_path / "a.safetensors")
+    assert_same(weights(a), weights(b))
+
+    other_rank = LeapTrainer(cfg(tmp_path, "lora.enabled=true", "lora.rank=8"))
+    before = weights(other_rank)
+    with pytest.raises(ValueError, match="another model.*shape"):
+        other_rank.load_checkpoint(tmp_path / "lora4.safetensors")
+    assert_same(before, weights(other_rank))
+    with pytest.raises(ValueError, match="another model"):
+        other_rank.load_checkpoint(tmp_path / "a.safetensors")
+
+    from engine.flux.tiny import build_tiny_flux, tiny_transformer_config
+    from diffusers import FluxTransformer2DModel
+
+    wider = build_tiny_flux()
+    conf = tiny_transformer_config() | {"num_single_layers": 3}
+    wider.transformer = FluxTransformer2DModel(**conf)
+    c = LeapTrainer(cfg(tmp_path), adapter=wider)
+    with pytest.raises(ValueError, match="another model"):
+        c.load_checkpoint(tmp_path / "a.safetensors")
+
+
+def test_corrupt_or_missing_checkpoint(tmp_path):
+    t = LeapTrainer(cfg(tmp_path))
+    path = tmp_path / "ck.safetensors"
+    t.save_checkpoint(path)
+    data = path.read_bytes()
+    before = weights(t)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        t.load_checkpoint(bad)
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        t.load_checkpoint(bad)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        t.load_checkpoint(tmp_path / "nope.safetensors")
+    assert_same(before, weights(t))
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import engine.checkpoint as ck
+
+    t = LeapTrainer(cfg(tmp_path))
+    path = tmp_path / "ck.safetensors"
+    t.save_checkpoint(path)
+    good = path.read_bytes()
+
+    def boom(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", boom)
+    t.step()
+    with pytest.raises(OSError, match="disk full"):
+        t.save_checkpoint(path)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir() if "ck.safetensors" in p.name) == ["ck.safetensors"]
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="optim.lrr"):
+        load_config(None, ["optim.lrr=1"])
+    with pytest.raises(ValueError, match="num_steps"):
+        load_config(None, ["num_steps=1"])
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match="alpha=1.5"):
+        LeapTrainer(cfg(tmp_path, "method.params.alpha=1.5"))
+    with pytest.raises(ValueError, match="tau=0"):
+        LeapTrainer(cfg(tmp_path, "method.params.tau=0"))
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_load(name):
+    c = load_config(ROOT / "configs" / name)
+    assert c.method.name in ("leapalign", "refl", "draft-lv", "drtune", "full")
+
+
+def test_cli_train_then_sample(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-m", "engine", "train", "--config", str(ROOT / "configs/tiny.yaml"),
+                          "steps=2", "num_steps=3", "model.height=32", "model.width=32", "samples=2",
+                          f"output_dir={tmp_path}"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 2
+    out = tmp_path / "s.png"
+    run = subprocess.run([sys.executable, "-m", "engine", "sample", "--checkpoint", str(tmp_path / "checkpoint.safetensors"),
+                          "--prompt", "a red square", "--prompt", "a blue circle", "--ema", "--out", str(out)],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert out.stat().st_size > 0 and "a blue circle" in run.stdout
