@@ -1,0 +1,54 @@
+"""Installs the `engine` and `kernels` packages.
+
+The CUDA extension `kernels._C` (csrc/) is built only when the torch in the build environment
+is a CUDA build and a CUDA toolkit is found; LEAPALIGN_SKIP_CUDA_BUILD=1 skips it. Without it
+everything still works (kernels/backend.py then runs Triton or the torch reference, and says
+so), and kernels/_csrc.py can JIT-build the same sources with ninja on first use.
+Install with `--no-build-isolation` so the build sees your torch instead of fetching another.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+
+def cuda_build():
+    if os.environ.get("LEAPALIGN_SKIP_CUDA_BUILD", "0") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return [], {}
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu"))
+    ext = CUDAExtension(
+        "kernels._C", sources,
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_build()
+
+setup(
+    name="leapalign-engine",
+    version="0.1.0",
+    description="Kernel-optimised LeapAlign reward fine-tuning for Flux rectified-flow models",
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "triton; platform_system == 'Linux'",
+        "diffusers>=0.32",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+        "peft",
+    ],
+    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
