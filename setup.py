@@ -25,7 +25,8 @@ def cuda_build():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu"))
     ext = CUDAExtension(
         "kernels._C", sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        # no --use_fast_math: the ops are memory-bound and tested tightly against fp32 torch
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
     )
     return [ext], {"build_ext": BuildExtension}
 
