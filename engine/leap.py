@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from engine.schedule import check_step_pair, euler_step
+from kernels.leap_connect import leap_connect  # leap + connector + alpha discount + L1 distance, fused
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Reward = Callable[[torch.Tensor], torch.Tensor]
@@ -26,23 +27,6 @@ class EstimatorOutput:
     x0: torch.Tensor              # (B, ...) final rollout latents, detached
     metrics: dict                 # scalars / small tensors, all detached
     model_calls: int
-
-
-def leap_connect(x_start, v, x_real, c: float, alpha: float = 1.0):
-    """Leap, connector and discount in plain PyTorch (method.md steps 3-5).
-
-    xhat = x_start - c*v. ``conn`` has the value of x_real exactly (the connector
-    xhat + sg(x_real - xhat), written so that no rounding touches the value) and passes the
-    gradient to xhat whole; ``inp`` has the same value and passes it scaled by alpha.
-    ``dist`` is the per-sample mean |x_real - xhat| in float64, without gradient.
-    """
-    xhat = x_start - c * v.to(x_start.dtype)
-    delta = xhat - xhat.detach()          # exactly zero in value, identity in gradient
-    conn = x_real.detach() + delta
-    inp = x_real.detach() + alpha * delta
-    with torch.no_grad():
-        dist = (x_real.double() - xhat.double()).abs().flatten(1).mean(1)
-    return conn, inp, dist
 
 
 def check_hparams(alpha: float, tau: float) -> None:
