@@ -1,0 +1,110 @@
+"""GELU with the tanh approximation (Flux's MLP activation), saving only its input.
+
+``torch.nn.functional.gelu(x, approximate="tanh")`` under autograd saves its input too, but the
+point of this op is to sit inside a lean block whose backward must not hold anything else, and to
+compute in fp32 whatever the storage dtype: forward writes one tensor, backward reads x and dy
+and recomputes tanh.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import backend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch reference must keep working where triton is not installed
+    triton = None
+
+# With ``from __future__ import annotations`` the ``tl.constexpr`` annotations stay strings, so the
+# kernels can be defined (and never launched) without triton; backend.pick never picks it then.
+_jit = triton.jit if triton is not None else (lambda fn: fn)
+
+OP = "gelu_tanh"
+
+
+# ----------------------------------------------------------------------------- torch reference
+def gelu_tanh_reference(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+@_jit
+def _tanh(u):
+    # Built from exp so it runs under TRITON_INTERPRET (libdevice externs do not); exp(-2|u|) never
+    # overflows, and the sign is restored afterwards.
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u < 0, -t, t)
+
+
+# Literals below: sqrt(2/pi) = 0.7978845608028654 and kappa = 0.044715 (inlined because jit code can
+# read only constexpr globals).
+@_jit
+def _gelu_tanh_fwd_kernel(X, Y, n_elements, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+    tl.store(Y + offs, (0.5 * x * (1.0 + t)).to(Y.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _gelu_tanh_bwd_kernel(X, DY, DX, n_elements, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = x * x
+    t = _tanh(0.7978845608028654 * (x + 0.044715 * x2 * x))
+    # d/dx [x/2 (1 + t)] = (1 + t)/2 + x/2 (1 - t^2) sqrt(2/pi) (1 + 3 kappa x^2), same split as
+    # torch's GeluBackward so fp32 results agree to rounding.
+    dgelu = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x2)
+    tl.store(DX + offs, (dy * dgelu).to(DX.dtype.element_ty), mask=mask)
+
+
+_BLOCK = 1024  # 8 elements per thread at 4 warps: 16-byte vector accesses for bf16/fp16
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    # The kernels index a flat buffer. A strided view is copied once rather than carrying N-d index
+    # math: in Flux the activation's input is a Linear output, so this copy does not happen there.
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _grid(n: int):
+    return (triton.cdiv(n, _BLOCK),)
+
+
+class GeluTanhFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x = _flat(x)
+        y = torch.empty_like(x)
+        n = x.numel()
+        if n:
+            _gelu_tanh_fwd_kernel[_grid(n)](x, y, n, BLOCK=_BLOCK, num_warps=4)
+        ctx.save_for_backward(x)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        dy = _flat(dy)
+        dx = torch.empty_like(x)
+        n = x.numel()
+        if n:
+            _gelu_tanh_bwd_kernel[_grid(n)](x, dy, dx, n, BLOCK=_BLOCK, num_warps=4)
+        return dx
+
+
+# ----------------------------------------------------------------------------- entry point
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """``gelu(x, approximate="tanh")``, any shape, fp32/bf16/fp16; output is contiguous."""
+    which = backend.pick(OP, x)
+    if which == "torch":
+        return gelu_tanh_reference(x)
+    if which == "triton":
+        return GeluTanhFunction.apply(x)
+    raise RuntimeError(f"{OP} has no {which!r} implementation")
