@@ -1,0 +1,149 @@
+"""Measuring tools shared by the benches: bytes saved for backward, peak live bytes, FLOPs, and a
+full-size FLUX.1-dev built on fake tensors (no RAM, no GPU), as design.md's "Measuring without
+a GPU" describes.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+# The published FLUX.1-dev transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json)
+FLUX_DEV_CONFIG = dict(
+    patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
+    attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+    pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56],
+)
+
+
+def _storage_key(t: torch.Tensor):
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+class SavedBytes:
+    """Context manager: bytes of the tensors autograd saves for backward, each storage once.
+
+    Storages of ``exclude`` (the weights, which live anyway) are not counted, so the figure is
+    what the graph adds on top of the model.
+    """
+
+    def __init__(self, exclude=()):
+        self.bytes = 0
+        self._seen = WeakIdKeyDictionary()
+        for t in exclude:
+            st = _storage_key(t)
+            if st is not None:
+                self._seen[st] = True
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        st = _storage_key(t)
+        if st is not None and st not in self._seen:
+            self._seen[st] = True
+            self.bytes += st.nbytes()
+        return t
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+class PeakLiveBytes(TorchDispatchMode):
+    """Peak bytes of tensor storages created inside the mode and still alive.
+
+    Storages first seen as inputs (parameters, caller-owned tensors) count as pre-existing and are
+    never added; every new output storage is added once and subtracted when it is freed. Works on
+    fake tensors, so a full-size model's activation peak can be measured on a CPU.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._known = WeakIdKeyDictionary()
+
+    def _track(self, t, new: bool):
+        if not isinstance(t, torch.Tensor):
+            return
+        st = _storage_key(t)
+        if st is None or st in self._known:
+            return
+        self._known[st] = True
+        if new:
+            n = st.nbytes()
+            self.live += n
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(st, self._free, n)
+
+    def _free(self, n):
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for a in torch.utils._pytree.tree_leaves((args, kwargs)):
+            self._track(a, new=False)
+        out = func(*args, **kwargs)
+        for o in torch.utils._pytree.tree_leaves(out):
+            self._track(o, new=True)
+        return out
+
+
+def attention_flops(batch: int, tokens: int, width: int, blocks: int, backward: bool = False) -> int:
+    """Attention matmul FLOPs FlopCounterMode misses on CPU: QK^T and PV, 4 N^2 D per block
+    forward (2 matmuls x 2 FLOPs per MAC), twice that for the backward."""
+    f = 4 * batch * tokens * tokens * width * blocks
+    return f * 3 if backward else f
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+@contextlib.contextmanager
+def fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        yield mode
+
+
+def build_fake_flux(config: dict | None = None, dtype=torch.bfloat16):
+    """FLUX.1-dev's transformer on fake tensors: built under FakeTensorMode with the default dtype
+    set around the constructor (calling .to(dtype) on a fake module fails)."""
+    from diffusers import FluxTransformer2DModel
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return FluxTransformer2DModel(**(config or FLUX_DEV_CONFIG))
+    finally:
+        torch.set_default_dtype(old)
+
+
+def flux_inputs(model, batch: int, image_tokens: int, text_tokens: int = 512, dtype=torch.bfloat16):
+    c = model.config
+    return dict(
+        hidden_states=torch.randn(batch, image_tokens, c.in_channels, dtype=dtype),
+        encoder_hidden_states=torch.randn(batch, text_tokens, c.joint_attention_dim, dtype=dtype),
+        pooled_projections=torch.randn(batch, c.pooled_projection_dim, dtype=dtype),
+        timestep=torch.full((batch,), 0.5, dtype=dtype),
+        img_ids=torch.zeros(image_tokens, 3, dtype=dtype),
+        txt_ids=torch.zeros(text_tokens, 3, dtype=dtype),
+        guidance=torch.full((batch,), 3.5, dtype=torch.float32) if c.guidance_embeds else None,
+        return_dict=False,
+    )
+
+
+GiB = 1024 ** 3
