@@ -13,11 +13,20 @@ never a silent fallback, so a benchmark always measures what it says it measures
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch references keep working where triton is not installed
+    triton = tl = None
+
+# The op modules decorate their kernels with this: with ``from __future__ import annotations`` the
+# ``tl.constexpr`` annotations stay strings, so kernels can be defined (never launched) without
+# triton, and ``pick`` never chooses triton then.
+jit = triton.jit if triton is not None else (lambda fn: fn)
 
 BACKENDS = ("cuda", "triton", "torch")
 ENV_VAR = "LEAPALIGN_BACKEND"
@@ -29,9 +38,8 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return triton is not None
 
 
 def csrc_has(op: str) -> bool:

@@ -36,13 +36,7 @@ from kernels.mod_layernorm import (
     row_settings,
 )
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the torch reference must keep working where triton is not installed
-    triton = None
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from kernels.backend import jit as _jit, tl, triton  # triton is None where not installed
 
 OP = "gated_residual"
 

@@ -10,16 +10,7 @@ from __future__ import annotations
 import torch
 
 from kernels import backend
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the torch reference must keep working where triton is not installed
-    triton = None
-
-# With ``from __future__ import annotations`` the ``tl.constexpr`` annotations stay strings, so the
-# kernels can be defined (and never launched) without triton; backend.pick never picks it then.
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from kernels.backend import jit as _jit, tl, triton  # triton is None where not installed
 
 OP = "gelu_tanh"
 

@@ -19,16 +19,7 @@ from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 from kernels import backend
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the torch reference must keep working where triton is not installed
-    triton = None
-
-# With ``from __future__ import annotations`` the ``tl.constexpr`` annotations stay strings, so the
-# kernels below can be defined (and never launched) when triton is absent.
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from kernels.backend import jit as _jit, tl, triton  # triton is None where not installed
 
 OP = "mod_layernorm"
 
