@@ -8,6 +8,7 @@ and recomputes tanh.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from kernels import backend
 from kernels.backend import jit as _jit, tl, triton  # triton is None where not installed
@@ -80,6 +81,7 @@ class GeluTanhFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the kernels build no graph: fail loudly on double backward
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
         dy = _flat(dy)

@@ -29,6 +29,7 @@ rotated tensors are recomputed.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from kernels import backend
 from kernels.backend import jit as _jit, tl, triton  # triton is None where not installed
@@ -288,6 +289,7 @@ class QKNormRopeFunction(torch.autograd.Function):
         return q_out.view(shape), k_out.view(shape)
 
     @staticmethod
+    @once_differentiable  # the kernels build no graph: fail loudly on double backward
     def backward(ctx, gq, gk):
         q4, k4, wq, wk, wq_t, wk_t, cos, sin, rstd_q, rstd_k = ctx.saved_tensors
         B, N, H, D = q4.shape
