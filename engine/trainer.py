@@ -65,7 +65,8 @@ class LeapTrainer:
             else:
                 text_encoder = PipelineTextEncoder(m.source, dtype, self.device)
         self.text_encoder = text_encoder
-        self.reward_model = (reward if reward is not None else build_reward(cfg.reward.name, **cfg.reward.params)).to(self.device)
+        reward = reward if reward is not None else build_reward(cfg.reward.name, **cfg.reward.params)
+        self.reward_model = reward.requires_grad_(False).eval().to(self.device)
         self.method = make_method(cfg.method.name, **cfg.method.params)
 
         self.transformer = adapter.transformer
@@ -100,13 +101,20 @@ class LeapTrainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    EMBED_CACHE = 1024   # prompts whose embeddings are kept (on the CPU; T5's are ~4 MB each)
+
     def _condition(self, prompts: list[str]):
         """Prompt embeddings, computed once per prompt and kept (the encoders never train)."""
+        for p in dict.fromkeys(prompts):      # mark this batch's hits as most recent
+            if p in self._embeds:
+                self._embeds[p] = self._embeds.pop(p)
         todo = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
         if todo:
             pe, pooled = self.text_encoder.encode(todo)
             for i, p in enumerate(todo):
-                self._embeds[p] = (pe[i].detach(), pooled[i].detach())
+                self._embeds[p] = (pe[i].detach().cpu(), pooled[i].detach().cpu())
+            while len(self._embeds) > max(self.EMBED_CACHE, len(prompts)):
+                self._embeds.pop(next(iter(self._embeds)))   # oldest first
         pe = torch.stack([self._embeds[p][0] for p in prompts])
         pooled = torch.stack([self._embeds[p][1] for p in prompts])
         return self.adapter.condition(pe, pooled, self.cfg.model.height, self.cfg.model.width)
