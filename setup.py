@@ -49,7 +49,16 @@ setup(
         "matplotlib",
         "peft",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={
+        # the tests build tiny CLIP / OpenCLIP models with transformers and the engine's own OpenCLIP
+        "test": ["pytest", "pytest-benchmark", "transformers", "ftfy"],
+        # learned rewards (engine/rewards: hpsv21, pickscore, clip). open-clip-torch is not listed:
+        # the engine only reads its BPE vocabulary file, and installing it with its dependencies pulls a
+        # torchvision pinned to the newest torch (a CUDA build from PyPI), which replaces the installed
+        # torch; add it with `pip install --no-deps open-clip-torch`, or pass the HPS reward
+        # tokenizer=<a CLIP tokenizer folder>.
+        "rewards": ["transformers", "ftfy", "regex"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -6,9 +6,19 @@ own parameters are frozen. ``build_reward(name, **params)`` makes one from a con
 from __future__ import annotations
 
 from engine.rewards.base import ImageReward
+from engine.rewards.clip import CLIPScoreReward
 from engine.rewards.colour import ColourReward
+from engine.rewards.hps import HPSv21Reward
+from engine.rewards.mix import MixReward
+from engine.rewards.pickscore import PickScoreReward
 
-REWARDS = {"colour": ColourReward}
+REWARDS = {
+    "colour": ColourReward,
+    "hpsv21": HPSv21Reward,
+    "pickscore": PickScoreReward,
+    "clip": CLIPScoreReward,
+    "mix": MixReward,
+}
 
 
 def build_reward(name: str, **params) -> ImageReward:
@@ -17,4 +27,5 @@ def build_reward(name: str, **params) -> ImageReward:
     return REWARDS[name](**params).requires_grad_(False).eval()
 
 
-__all__ = ["ImageReward", "ColourReward", "REWARDS", "build_reward"]
+__all__ = ["ImageReward", "ColourReward", "HPSv21Reward", "PickScoreReward", "CLIPScoreReward", "MixReward",
+           "REWARDS", "build_reward"]
