@@ -20,6 +20,9 @@ class ModelConfig:
     guidance_scale: float = 3.5       # Flux-dev's distilled guidance embedding
     height: int = 32
     width: int = 32
+    # how the graph-keeping passes keep activations (engine/flux/lean.py): none | full | lean | budget
+    policy: str = "none"
+    budget_gib: float = 0.0           # policy=budget: bound on the blocks' saved activations
 
 
 @dataclass
@@ -83,6 +86,10 @@ class TrainConfig:
             raise ValueError("prompts must not be empty")
         if self.model.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"model.dtype must be float32 or bfloat16, got {self.model.dtype!r}")
+        if self.model.policy not in ("none", "full", "lean", "budget"):
+            raise ValueError(f"model.policy must be none, full, lean or budget, got {self.model.policy!r}")
+        if self.model.policy == "budget" and not self.model.budget_gib > 0:
+            raise ValueError(f"model.policy=budget needs model.budget_gib > 0, got {self.model.budget_gib}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if not 0.0 <= self.optim.ema_decay < 1.0:

@@ -19,6 +19,7 @@ import yaml
 from engine import checkpoint as ckpt
 from engine.config import TrainConfig, from_dict, to_dict
 from engine.flux.adapter import FluxAdapter
+from engine.flux.lean import apply_policy, block_inputs
 from engine.flux.text import PipelineTextEncoder
 from engine.flux.tiny import HashTextEncoder, build_tiny_flux
 from engine.methods import make_method
@@ -81,6 +82,7 @@ class LeapTrainer:
         else:
             self.transformer.requires_grad_(True)
         self.transformer.train()
+        self.policy = self._apply_policy()
         self.params = {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
         if not self.params:
             raise ValueError("no trainable parameters (check lora.targets)")
@@ -96,6 +98,16 @@ class LeapTrainer:
         self._embeds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ pieces
+    def _apply_policy(self) -> dict:
+        m = self.cfg.model
+        kw = {}
+        if m.policy == "budget":
+            h, w = self.adapter.latent_size(m.height, m.width)
+            txt = self.text_encoder.encode(["x"])[0].shape[1]
+            kw = dict(budget_bytes=int(m.budget_gib * 2**30),
+                      inputs=block_inputs(self.transformer, self.cfg.batch_size, txt, (h // 2, w // 2)))
+        return apply_policy(self.transformer, m.policy, **kw)
+
     def _autocast(self):
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)

@@ -52,6 +52,22 @@ def test_resume_is_exact(tmp_path, extra):
     assert torch.equal(straight.generator.get_state(), resumed.generator.get_state())
 
 
+@pytest.mark.parametrize("policy", ["full", "lean", "budget"])
+def test_block_policies_train_identically(tmp_path, policy):
+    """With the torch backend the lean blocks compute what diffusers' blocks compute, so two steps
+    under any policy give the weights plain autograd gives."""
+    extra = ["model.budget_gib=1e-4"] if policy == "budget" else []
+    runs = {}
+    for p in ("none", policy):
+        t = LeapTrainer(cfg(tmp_path / p, f"model.policy={p}", *extra))
+        assert set(t.policy["double"] + t.policy["single"]) <= {p, "lean", "full"}
+        t.step()
+        t.step()
+        runs[p] = weights(t)
+    for n in runs["none"]:
+        torch.testing.assert_close(runs[policy][n], runs["none"][n], rtol=1e-5, atol=1e-6)
+
+
 def test_training_moves_weights_and_logs(tmp_path):
     t = LeapTrainer(cfg(tmp_path))
     before = weights(t)
