@@ -4,7 +4,10 @@ The choice is made per call from where the tensors live and what is built:
 
 * ``cuda``   the csrc extension is built/loadable, has this op, and the inputs are CUDA tensors;
 * ``triton`` the inputs are CUDA tensors and triton imports, or ``TRITON_INTERPRET=1`` is set
-             (the interpreter then runs the kernels on CPU tensors);
+             (the interpreter then runs the kernels on CPU tensors), or the inputs are FakeTensors
+             (FakeTensorMode, any device): each op's triton path is a ``torch.library.custom_op``
+             whose fake impl only allocates, so no kernel is launched and the autograd wrapper
+             saves exactly what the kernels would (how bench/measure.py sizes FLUX on a CPU);
 * ``torch``  the plain PyTorch reference.
 
 ``LEAPALIGN_BACKEND=cuda|triton|torch`` forces one; forcing one that cannot run is an error,
@@ -60,13 +63,23 @@ def csrc_status() -> str:
     return _csrc.status()
 
 
-def _available(name: str, op: str, on_cuda: bool) -> tuple[bool, str]:
+def _is_fake(t: torch.Tensor | None) -> bool:
+    # Under torch.compile dynamo traces with fake tensors of its own and must not see them here
+    # (is_fake is on its skip list: a graph break); the choice is made from device and env then.
+    if t is None or torch.compiler.is_compiling():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
+def _available(name: str, op: str, on_cuda: bool, fake: bool = False) -> tuple[bool, str]:
     if name == "torch":
         return True, ""
     if name == "triton":
         if not triton_importable():
             return False, "triton is not installed"
-        if on_cuda or triton_interpret():
+        if on_cuda or triton_interpret() or fake:
             return True, ""
         return False, "inputs are on CPU and TRITON_INTERPRET=1 is not set"
     if name == "cuda":
@@ -81,14 +94,15 @@ def _available(name: str, op: str, on_cuda: bool) -> tuple[bool, str]:
 def pick(op: str, *tensors: torch.Tensor | None) -> str:
     """Choose the backend for one call of ``op`` on ``tensors`` and record it."""
     on_cuda = any(t is not None and t.is_cuda for t in tensors)
+    fake = any(_is_fake(t) for t in tensors)
     forced = os.environ.get(ENV_VAR, "").strip().lower()
     if forced:
-        ok, why = _available(forced, op, on_cuda)
+        ok, why = _available(forced, op, on_cuda, fake)
         if not ok:
             raise RuntimeError(f"{ENV_VAR}={forced} was forced for op {op!r}, but it cannot run: {why}")
         choice = forced
     else:
-        choice = next(b for b in BACKENDS if _available(b, op, on_cuda)[0])
+        choice = next(b for b in BACKENDS if _available(b, op, on_cuda, fake)[0])
     _last[op] = choice
     return choice
 

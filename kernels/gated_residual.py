@@ -14,7 +14,8 @@ What backward keeps (the lean choice):
   tensor nothing else keeps. So recomputing ``r`` makes the fused op's own cost ``y`` plus
   B*M*8 bytes of statistics.
 
-Backends: ``torch`` (reference under autograd), ``triton`` (kernels below). There is no csrc op
+Backends: ``torch`` (reference under autograd), ``triton`` (kernels below, wrapped as the custom
+ops ``leapalign_triton::gated_residual[_ln]_fwd/bwd``, which also run on FakeTensors). There is no csrc op
 for this one in the contract; if the csrc extension ever reports one, the ``cuda`` branch
 composes the residual in torch with the csrc modulated LayerNorm.
 """
@@ -184,8 +185,14 @@ def _gated_residual_bwd_kernel(
         tl.store(gshift_part_ptr + part, acc_gshift, mask=mask)
 
 
-# --------------------------------------------------------------------------- triton wrappers
-def _triton_fwd(x3, gate, y3, scale, shift, eps):
+# --------------------------------------------------------------------------- triton ops
+# Kernels are launched only inside ``torch.library.custom_op``s (namespace ``leapalign_triton``;
+# ``leapalign`` is the csrc extension's), so that torch.compile sees opaque ops with known output
+# metadata and FakeTensorMode runs their fake impls: under fake tensors the autograd.Function
+# below then saves exactly what it saves around the real kernels. A custom op returns no
+# optional tensors, hence one op per variant (plain / fused LayerNorm), and an unwritten grad_x
+# comes back as a 0-element tensor.
+def _fwd_launch(x3, gate, y3, scale, shift, eps):
     check_launchable(_gated_residual_fwd_kernel, x3)
     B, M, D = x3.shape
     fused = scale is not None
@@ -209,12 +216,37 @@ def _triton_fwd(x3, gate, y3, scale, shift, eps):
         eps,
         FUSED_LN=fused, BLOCK_D=BLOCK_D, num_warps=num_warps,
     )
-    if fused:
-        return r, n, mean, rstd
-    return r, None, None, None
+    return r, n, mean, rstd
 
 
-def _triton_bwd(gr3, gn3, x3, y3, gate, scale, mean, rstd, write_gx):
+@torch.library.custom_op("leapalign_triton::gated_residual_fwd", mutates_args=())
+def _triton_fwd(x3: torch.Tensor, gate: torch.Tensor, y3: torch.Tensor) -> torch.Tensor:
+    """r = x + gate * y for x3, y3 (B, M, D) of any strides; r dense in x3's dtype."""
+    return _fwd_launch(x3, gate, y3, None, None, 0.0)[0]
+
+
+@_triton_fwd.register_fake
+def _(x3, gate, y3):
+    return torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
+
+
+@torch.library.custom_op("leapalign_triton::gated_residual_ln_fwd", mutates_args=())
+def _triton_ln_fwd(x3: torch.Tensor, gate: torch.Tensor, y3: torch.Tensor, scale: torch.Tensor,
+                   shift: torch.Tensor, eps: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(r, n, mean, rstd): r and n dense (B, M, D) in x3's dtype, fp32 mean/rstd (B*M,)."""
+    return _fwd_launch(x3, gate, y3, scale, shift, eps)
+
+
+@_triton_ln_fwd.register_fake
+def _(x3, gate, y3, scale, shift, eps):
+    B, M, D = x3.shape
+    r = torch.empty((B, M, D), dtype=x3.dtype, device=x3.device)
+    mean = torch.empty(B * M, dtype=torch.float32, device=x3.device)
+    return r, torch.empty_like(r), mean, torch.empty_like(mean)
+
+
+def _bwd_launch(gr3, gn3, x3, y3, gate, scale, mean, rstd, write_gx):
     check_launchable(_gated_residual_bwd_kernel, y3)
     B, M, D = y3.shape
     dev = y3.device
@@ -248,6 +280,44 @@ def _triton_bwd(gr3, gn3, x3, y3, gate, scale, mean, rstd, write_gx):
     return gx, gy, ggate_part.sum(1), gscale, gshift
 
 
+@torch.library.custom_op("leapalign_triton::gated_residual_bwd", mutates_args=())
+def _triton_bwd(gr3: torch.Tensor, y3: torch.Tensor, gate: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Only the gradient reaching r: (grad_y dense in y3's dtype, fp32 grad_gate (B, D)).
+    grad_x is gr3 itself and needs no kernel."""
+    _, gy, ggate, _, _ = _bwd_launch(gr3, None, None, y3, gate, None, None, None, False)
+    return gy, ggate
+
+
+@_triton_bwd.register_fake
+def _(gr3, y3, gate):
+    B, M, D = y3.shape
+    return (torch.empty((B, M, D), dtype=y3.dtype, device=y3.device),
+            torch.empty((B, D), dtype=torch.float32, device=y3.device))
+
+
+@torch.library.custom_op("leapalign_triton::gated_residual_ln_bwd", mutates_args=())
+def _triton_ln_bwd(gr3: torch.Tensor | None, gn3: torch.Tensor, x3: torch.Tensor, y3: torch.Tensor,
+                   gate: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                   write_gx: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A gradient reaches n (and maybe r): (grad_x, grad_y, grad_gate, grad_scale, grad_shift);
+    grad_x/grad_y dense in x3's/y3's dtype (grad_x 0-element unless write_gx), the rest fp32 (B, D)."""
+    gx, gy, ggate, gscale, gshift = _bwd_launch(gr3, gn3, x3, y3, gate, scale, mean, rstd, write_gx)
+    if gx is None:
+        gx = x3.new_empty(0)
+    return gx, gy, ggate, gscale, gshift
+
+
+@_triton_ln_bwd.register_fake
+def _(gr3, gn3, x3, y3, gate, scale, mean, rstd, write_gx):
+    B, M, D = y3.shape
+    gx = torch.empty((B, M, D) if write_gx else (0,), dtype=x3.dtype, device=y3.device)
+    gy = torch.empty((B, M, D), dtype=y3.dtype, device=y3.device)
+    ggate = torch.empty((B, D), dtype=torch.float32, device=y3.device)
+    return gx, gy, ggate, torch.empty_like(ggate), torch.empty_like(ggate)
+
+
 # --------------------------------------------------------------------------- autograd
 class GatedResidualFunction(torch.autograd.Function):
     """Triton path; outputs ``(r,)`` or ``(r, n)``."""
@@ -256,16 +326,17 @@ class GatedResidualFunction(torch.autograd.Function):
     def forward(ctx, x, gate, y, scale, shift, eps):
         fused = scale is not None
         x3, y3 = as_rows(x), as_rows(y)
-        r, n, mean, rstd = _triton_fwd(x3, gate, y3, scale, shift, eps)
         ctx.set_materialize_grads(False)
         ctx.fused = fused
         ctx.shape = x.shape
         ctx.dtypes = (x.dtype, gate.dtype, y.dtype,
                       scale.dtype if fused else None, shift.dtype if fused else None)
         if fused:
+            r, n, mean, rstd = _triton_ln_fwd(x3, gate, y3, scale, shift, eps)
             # x3/y3 are views of the inputs when possible: no new storage for x or y.
             ctx.save_for_backward(x3, y3, gate, scale, mean, rstd)
             return r.view(x.shape), n.view(x.shape)
+        r = _triton_fwd(x3, gate, y3)
         ctx.save_for_backward(y3, gate)
         return r.view(x.shape)
 
@@ -279,20 +350,21 @@ class GatedResidualFunction(torch.autograd.Function):
         else:
             (g_r,), g_n = grads, None
             y3, gate = ctx.saved_tensors
-            x3 = scale = mean = rstd = None
         if g_r is None and g_n is None:
             return None, None, None, None, None, None
         shape3 = y3.shape
         gr3 = g_r.reshape(shape3) if g_r is not None else None
-        gn3 = g_n.reshape(shape3) if g_n is not None else None
         x_dt, gate_dt, y_dt, sc_dt, sh_dt = ctx.dtypes
-        # Without the LN branch grad_x is the incoming gradient itself: no kernel write needed.
-        write_gx = need[0] and gn3 is not None
-        gx, gy, ggate, gscale, gshift = _triton_bwd(gr3, gn3, x3, y3, gate, scale, mean, rstd,
-                                                    write_gx)
-        if need[0]:
-            # Not written means g_n is None, so g_r (not None here) is the whole gradient.
-            gx = gx.view(ctx.shape) if write_gx else g_r.to(x_dt)
+        if g_n is None:
+            # Only r reached the loss (always so without the LN branch): grad_x is the incoming
+            # gradient itself, no kernel write needed.
+            gy, ggate = _triton_bwd(gr3, y3, gate)
+            gx = g_r.to(x_dt) if need[0] else None
+            gscale = gshift = None
+        else:
+            gx, gy, ggate, gscale, gshift = _triton_ln_bwd(
+                gr3, g_n.reshape(shape3), x3, y3, gate, scale, mean, rstd, need[0])
+            gx = gx.view(ctx.shape) if need[0] else None
         return (gx,
                 ggate.to(gate_dt) if need[1] else None,
                 gy.view(ctx.shape) if need[2] else None,

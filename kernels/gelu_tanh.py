@@ -69,27 +69,55 @@ def _grid(n: int):
     return (triton.cdiv(n, _BLOCK),)
 
 
+# Kernels are launched only inside ``torch.library.custom_op``s (namespace ``leapalign_triton``;
+# ``leapalign`` is the csrc extension's): torch.compile sees opaque ops with known outputs, and
+# under FakeTensorMode their fake impls allocate the output without launching anything, so the
+# autograd.Function below saves the same tensor (the dense input) on fake tensors as on real ones.
+@torch.library.custom_op("leapalign_triton::gelu_tanh_fwd", mutates_args=())
+def _triton_fwd(x: torch.Tensor) -> torch.Tensor:
+    """y = gelu_tanh(x), dense, x's dtype; x is read as a flat buffer (copied if strided)."""
+    x = _flat(x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # as the fake impl: dense strides
+    n = x.numel()
+    if n:
+        _gelu_tanh_fwd_kernel[_grid(n)](x, y, n, BLOCK=_BLOCK, num_warps=4)
+    return y
+
+
+@_triton_fwd.register_fake
+def _(x):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("leapalign_triton::gelu_tanh_bwd", mutates_args=())
+def _triton_bwd(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """dx = dy * gelu_tanh'(x), dense, x's dtype."""
+    x, dy = _flat(x), _flat(dy)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    n = x.numel()
+    if n:
+        _gelu_tanh_bwd_kernel[_grid(n)](x, dy, dx, n, BLOCK=_BLOCK, num_warps=4)
+    return dx
+
+
+@_triton_bwd.register_fake
+def _(x, dy):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 class GeluTanhFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
+        # Made dense here, not only inside the op, because this is the tensor backward keeps.
         x = _flat(x)
-        y = torch.empty_like(x)
-        n = x.numel()
-        if n:
-            _gelu_tanh_fwd_kernel[_grid(n)](x, y, n, BLOCK=_BLOCK, num_warps=4)
         ctx.save_for_backward(x)
-        return y
+        return _triton_fwd(x)
 
     @staticmethod
     @once_differentiable  # the kernels build no graph: fail loudly on double backward
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        dy = _flat(dy)
-        dx = torch.empty_like(x)
-        n = x.numel()
-        if n:
-            _gelu_tanh_bwd_kernel[_grid(n)](x, dy, dx, n, BLOCK=_BLOCK, num_warps=4)
-        return dx
+        return _triton_bwd(x, dy)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -15,7 +15,8 @@ read in its own dtype and the arithmetic is fp32. ``conn``/``inp`` have ``x_real
 gradient has the dtype of the input it belongs to. ``x_real`` never receives a gradient.
 
 Backends (``kernels.backend.pick``): ``torch`` (reference under autograd), ``triton`` (kernels
-below), ``cuda`` (csrc ``leapalign::leap_connect_fwd/bwd``).
+below, wrapped as the custom ops ``leapalign_triton::leap_connect_fwd/bwd``, which also run on
+FakeTensors), ``cuda`` (csrc ``leapalign::leap_connect_fwd/bwd``).
 """
 from __future__ import annotations
 
@@ -129,7 +130,14 @@ def _check_launchable(kernel, t: torch.Tensor) -> None:
             "imported in this process (triton was imported in compile mode)")
 
 
-def _triton_fwd(xs: torch.Tensor, v: torch.Tensor, xr: torch.Tensor, c: float):
+# Kernels are launched only inside ``torch.library.custom_op``s (namespace ``leapalign_triton``;
+# ``leapalign`` is the csrc extension's): torch.compile sees opaque ops with known outputs, and
+# FakeTensorMode runs their fake impls, which allocate without launching anything. A custom op
+# returns no optional tensors: a gradient that is not wanted comes back as a 0-element tensor.
+@torch.library.custom_op("leapalign_triton::leap_connect_fwd", mutates_args=())
+def _triton_fwd(xs: torch.Tensor, v: torch.Tensor, xr: torch.Tensor,
+                c: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense (B, ...) inputs; returns conn, inp (copies of xr, its dtype) and float64 dist (B,)."""
     _check_launchable(_leap_connect_fwd_kernel, xs)
     B = xs.shape[0]
     N = xs.numel() // B
@@ -145,12 +153,25 @@ def _triton_fwd(xs: torch.Tensor, v: torch.Tensor, xr: torch.Tensor, c: float):
     return conn, inp, part.sum(dim=1) / N
 
 
-def _triton_bwd(g_conn, g_inp, c, alpha, shape, xs_dtype, v_dtype, write_xs, write_v):
+@_triton_fwd.register_fake
+def _(xs, v, xr, c):
+    conn = torch.empty(xr.shape, dtype=xr.dtype, device=xr.device)
+    dist = torch.empty((xs.shape[0],), dtype=torch.float64, device=xs.device)
+    return conn, torch.empty_like(conn), dist
+
+
+@torch.library.custom_op("leapalign_triton::leap_connect_bwd", mutates_args=())
+def _triton_bwd(g_conn: torch.Tensor | None, g_inp: torch.Tensor | None, c: float, alpha: float,
+                xs_dtype: torch.dtype, v_dtype: torch.dtype, write_xs: bool, write_v: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense incoming grads (at least one given); returns grad_x_start, grad_v in the given dtypes,
+    each 0-element when not written."""
     some = g_conn if g_conn is not None else g_inp
     _check_launchable(_leap_connect_bwd_kernel, some)
     numel = some.numel()
-    gxs = torch.empty(shape, dtype=xs_dtype, device=some.device) if write_xs else None
-    gv = torch.empty(shape, dtype=v_dtype, device=some.device) if write_v else None
+    shape = some.shape
+    gxs = torch.empty(shape if write_xs else (0,), dtype=xs_dtype, device=some.device)
+    gv = torch.empty(shape if write_v else (0,), dtype=v_dtype, device=some.device)
     BLOCK = min(4096, triton.next_power_of_2(numel))
     _leap_connect_bwd_kernel[(triton.cdiv(numel, BLOCK),)](
         g_conn if g_conn is not None else some, g_inp if g_inp is not None else some,
@@ -161,6 +182,13 @@ def _triton_bwd(g_conn, g_inp, c, alpha, shape, xs_dtype, v_dtype, write_xs, wri
         BLOCK=BLOCK, num_warps=8 if BLOCK >= 2048 else 4,
     )
     return gxs, gv
+
+
+@_triton_bwd.register_fake
+def _(g_conn, g_inp, c, alpha, xs_dtype, v_dtype, write_xs, write_v):
+    some = g_conn if g_conn is not None else g_inp
+    return (torch.empty(some.shape if write_xs else (0,), dtype=xs_dtype, device=some.device),
+            torch.empty(some.shape if write_v else (0,), dtype=v_dtype, device=some.device))
 
 
 # --------------------------------------------------------------------------- cuda (csrc)
@@ -217,8 +245,10 @@ class LeapConnectFunction(torch.autograd.Function):
             gxs = gxs.to(ctx.xs_dtype) if write_xs else None
             gv = gv.to(ctx.v_dtype) if write_v else None
         else:
-            gxs, gv = _triton_bwd(g_conn, g_inp, ctx.c, ctx.alpha, ctx.shape,
-                                  ctx.xs_dtype, ctx.v_dtype, write_xs, write_v)
+            gxs, gv = _triton_bwd(g_conn, g_inp, ctx.c, ctx.alpha, ctx.xs_dtype, ctx.v_dtype,
+                                  write_xs, write_v)
+            gxs = gxs.view(ctx.shape) if write_xs else None
+            gv = gv.view(ctx.shape) if write_v else None
         return gxs, gv, None, None, None, None
 
 

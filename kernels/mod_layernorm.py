@@ -8,7 +8,9 @@ multiply) alive for backward; this op keeps only ``x``, one fp32 mean and rstd p
 (it is the residual stream), so the op adds almost nothing to the saved bytes.
 
 Backends (``kernels.backend.pick``): ``torch`` runs :func:`mod_layernorm_reference` under plain
-autograd, ``triton`` the kernels below, ``cuda`` the csrc ops ``leapalign::mod_layernorm_fwd/bwd``.
+autograd, ``triton`` the kernels below (wrapped as the custom ops
+``leapalign_triton::mod_layernorm_fwd/bwd``, which also run on FakeTensors), ``cuda`` the csrc ops
+``leapalign::mod_layernorm_fwd/bwd``.
 """
 from __future__ import annotations
 
@@ -199,8 +201,18 @@ def _mod_ln_bwd_kernel(
     tl.store(gshift_part_ptr + part, acc_gshift, mask=mask)
 
 
-# --------------------------------------------------------------------------- triton wrappers
-def _triton_fwd(x3: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float):
+# --------------------------------------------------------------------------- triton ops
+# The kernels are launched only from inside ``torch.library.custom_op``s, never directly from the
+# autograd.Function: a custom op is opaque to torch.compile (one node in the graph, its fake impl
+# gives the output metadata) and runs on FakeTensors, where its fake impl allocates the same
+# outputs (y, and the fp32 mean/rstd that backward keeps) without launching anything. So under
+# FakeTensorMode the Function below saves exactly the tensors the kernels would, and a fake
+# full-size model measures the real saved bytes. The ops live in ``leapalign_triton``: the
+# ``leapalign`` namespace belongs to the csrc extension's TORCH_LIBRARY.
+@torch.library.custom_op("leapalign_triton::mod_layernorm_fwd", mutates_args=())
+def _triton_fwd(x3: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x3 (B, M, D), any strides; returns y (B, M, D) dense in x3's dtype, fp32 mean, rstd (B*M,)."""
     check_launchable(_mod_ln_fwd_kernel, x3)
     B, M, D = x3.shape
     y = torch.empty((B, M, D), dtype=x3.dtype, device=x3.device)
@@ -217,8 +229,18 @@ def _triton_fwd(x3: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps:
     return y, mean, rstd
 
 
+@_triton_fwd.register_fake
+def _(x3, scale, shift, eps):
+    B, M, D = x3.shape
+    y = torch.empty((B, M, D), dtype=x3.dtype, device=x3.device)
+    mean = torch.empty(B * M, dtype=torch.float32, device=x3.device)
+    return y, mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("leapalign_triton::mod_layernorm_bwd", mutates_args=())
 def _triton_bwd(gy3: torch.Tensor, x3: torch.Tensor, scale: torch.Tensor,
-                mean: torch.Tensor, rstd: torch.Tensor):
+                mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns grad_x (B, M, D) dense in x3's dtype and fp32 grad_scale, grad_shift (B, D)."""
     check_launchable(_mod_ln_bwd_kernel, x3)
     B, M, D = x3.shape
     gx = torch.empty((B, M, D), dtype=x3.dtype, device=x3.device)
@@ -235,6 +257,14 @@ def _triton_bwd(gy3: torch.Tensor, x3: torch.Tensor, scale: torch.Tensor,
         BLOCK_D=BLOCK_D, num_warps=num_warps,
     )
     return gx, gscale_part.sum(1), gshift_part.sum(1)
+
+
+@_triton_bwd.register_fake
+def _(gy3, x3, scale, mean, rstd):
+    B, M, D = x3.shape
+    gx = torch.empty((B, M, D), dtype=x3.dtype, device=x3.device)
+    gscale = torch.empty((B, D), dtype=torch.float32, device=x3.device)
+    return gx, gscale, torch.empty_like(gscale)
 
 
 # --------------------------------------------------------------------------- cuda (csrc) wrappers

@@ -256,12 +256,85 @@ def _strides(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(x.stride())
 
 
+# Kernels are launched only inside ``torch.library.custom_op``s (namespace ``leapalign_triton``;
+# ``leapalign`` is the csrc extension's): torch.compile sees opaque ops with known outputs, and
+# under FakeTensorMode their fake impls allocate the outputs (and the fp32 rstd backward keeps)
+# without launching anything, so the autograd.Function below saves the same tensors on fake
+# tensors as around the real kernels.
+@torch.library.custom_op("leapalign_triton::qk_norm_rope_fwd", mutates_args=())
+def _triton_fwd(q4: torch.Tensor, k4: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
+                wq_t: torch.Tensor, wk_t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                eps: float, n_txt: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q4, k4 (B, N, H, Dh) any strides, dense (Dh,) weights; returns dense q_out, k_out in their
+    input's dtype and fp32 rstd_q, rstd_k (B, N, H)."""
+    B, N, H, D = q4.shape
+    q_out = torch.empty((B, N, H, D), dtype=q4.dtype, device=q4.device)
+    k_out = torch.empty((B, N, H, D), dtype=k4.dtype, device=k4.device)
+    rstd_q = torch.empty((B, N, H), dtype=torch.float32, device=q4.device)
+    rstd_k = torch.empty_like(rstd_q)
+    block_h, block_d, num_warps = _launch_cfg(H, D)
+    if B * N > 0:
+        _qk_norm_rope_fwd_kernel[(B * N,)](
+            q4, *_strides(q4), k4, *_strides(k4),
+            q_out, *_strides(q_out), k_out, *_strides(k_out),
+            rstd_q, rstd_k, wq, wk, wq_t, wk_t,
+            cos, sin, cos.stride(0), cos.stride(1),
+            N, H, D, n_txt, eps,
+            BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
+        )
+    return q_out, k_out, rstd_q, rstd_k
+
+
+@_triton_fwd.register_fake
+def _(q4, k4, wq, wk, wq_t, wk_t, cos, sin, eps, n_txt):
+    B, N, H, D = q4.shape
+    rstd_q = torch.empty((B, N, H), dtype=torch.float32, device=q4.device)
+    return (torch.empty((B, N, H, D), dtype=q4.dtype, device=q4.device),
+            torch.empty((B, N, H, D), dtype=k4.dtype, device=k4.device),
+            rstd_q, torch.empty_like(rstd_q))
+
+
+@torch.library.custom_op("leapalign_triton::qk_norm_rope_bwd", mutates_args=())
+def _triton_bwd(q4: torch.Tensor, k4: torch.Tensor, gq: torch.Tensor, gk: torch.Tensor,
+                rstd_q: torch.Tensor, rstd_k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
+                wq_t: torch.Tensor, wk_t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                n_txt: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns dense dq, dk in q4's/k4's dtype and the fp32 weight grads (4, Dh), rows
+    [q_img, q_txt, k_img, k_txt]."""
+    B, N, H, D = q4.shape
+    dq = torch.empty(q4.shape, dtype=q4.dtype, device=q4.device)
+    dk = torch.empty(k4.shape, dtype=k4.dtype, device=k4.device)
+    T = B * N
+    progs = _bwd_programs(T, q4.device)
+    dw_partial = torch.zeros((progs, 4, D), dtype=torch.float32, device=q4.device)
+    block_h, block_d, num_warps = _launch_cfg(H, D)
+    if T > 0:
+        _qk_norm_rope_bwd_kernel[(progs,)](
+            q4, *_strides(q4), k4, *_strides(k4),
+            gq, *_strides(gq), gk, *_strides(gk),
+            dq, *_strides(dq), dk, *_strides(dk),
+            rstd_q, rstd_k, wq, wk, wq_t, wk_t,
+            cos, sin, cos.stride(0), cos.stride(1), dw_partial,
+            T, N, H, D, n_txt,
+            BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
+        )
+    return dq, dk, dw_partial.sum(0)
+
+
+@_triton_bwd.register_fake
+def _(q4, k4, gq, gk, rstd_q, rstd_k, wq, wk, wq_t, wk_t, cos, sin, n_txt):
+    D = q4.shape[-1]
+    return (torch.empty(q4.shape, dtype=q4.dtype, device=q4.device),
+            torch.empty(k4.shape, dtype=k4.dtype, device=k4.device),
+            torch.empty((4, D), dtype=torch.float32, device=q4.device))
+
+
 class QKNormRopeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, wq, wk, wq_txt, wk_txt, cos, sin, eps, n_txt):
         shape = q.shape
         q4, k4 = _as_4d(q), _as_4d(k)
-        B, N, H, D = q4.shape
         # A single block passes no text weights; the kernel still wants four pointers, and with
         # n_txt = 0 it never selects the text ones. The kernel picks the text or image weight
         # pointer per token, so a pair must share a dtype (in Flux it always does; a mismatched
@@ -269,20 +342,7 @@ class QKNormRopeFunction(torch.autograd.Function):
         wq_t = wq if wq_txt is None else wq_txt.to(wq.dtype)
         wk_t = wk if wk_txt is None else wk_txt.to(wk.dtype)
         ws = [w.contiguous() for w in (wq, wk, wq_t, wk_t)]
-        q_out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
-        k_out = torch.empty((B, N, H, D), dtype=k.dtype, device=k.device)
-        rstd_q = torch.empty((B, N, H), dtype=torch.float32, device=q.device)
-        rstd_k = torch.empty_like(rstd_q)
-        block_h, block_d, num_warps = _launch_cfg(H, D)
-        if B * N > 0:
-            _qk_norm_rope_fwd_kernel[(B * N,)](
-                q4, *_strides(q4), k4, *_strides(k4),
-                q_out, *_strides(q_out), k_out, *_strides(k_out),
-                rstd_q, rstd_k, *ws,
-                cos, sin, cos.stride(0), cos.stride(1),
-                N, H, D, n_txt, eps,
-                BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
-            )
+        q_out, k_out, rstd_q, rstd_k = _triton_fwd(q4, k4, *ws, cos, sin, eps, n_txt)
         ctx.save_for_backward(q4, k4, *ws, cos, sin, rstd_q, rstd_k)
         ctx.shape, ctx.n_txt = shape, n_txt
         ctx.txt_dtypes = (None if wq_txt is None else wq_txt.dtype, None if wk_txt is None else wk_txt.dtype)
@@ -292,27 +352,11 @@ class QKNormRopeFunction(torch.autograd.Function):
     @once_differentiable  # the kernels build no graph: fail loudly on double backward
     def backward(ctx, gq, gk):
         q4, k4, wq, wk, wq_t, wk_t, cos, sin, rstd_q, rstd_k = ctx.saved_tensors
-        B, N, H, D = q4.shape
         # autograd passes None for an output that did not reach the loss; a zero grad is exact.
         gq = torch.zeros_like(q4) if gq is None else _as_4d(gq)
         gk = torch.zeros_like(k4) if gk is None else _as_4d(gk)
-        dq = torch.empty(q4.shape, dtype=q4.dtype, device=q4.device)
-        dk = torch.empty(k4.shape, dtype=k4.dtype, device=k4.device)
-        T = B * N
-        progs = _bwd_programs(T, q4.device)
-        dw_partial = torch.zeros((progs, 4, D), dtype=torch.float32, device=q4.device)
-        block_h, block_d, num_warps = _launch_cfg(H, D)
-        if T > 0:
-            _qk_norm_rope_bwd_kernel[(progs,)](
-                q4, *_strides(q4), k4, *_strides(k4),
-                gq, *_strides(gq), gk, *_strides(gk),
-                dq, *_strides(dq), dk, *_strides(dk),
-                rstd_q, rstd_k, wq, wk, wq_t, wk_t,
-                cos, sin, cos.stride(0), cos.stride(1), dw_partial,
-                T, N, H, D, ctx.n_txt,
-                BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
-            )
-        dw = dw_partial.sum(0)
+        dq, dk, dw = _triton_bwd(q4, k4, gq, gk, rstd_q, rstd_k, wq, wk, wq_t, wk_t, cos, sin,
+                                 ctx.n_txt)
         q_txt_dt, k_txt_dt = ctx.txt_dtypes
         if q_txt_dt is not None:
             dwq, dwq_txt = dw[0].to(wq.dtype), dw[1].to(q_txt_dt)

@@ -201,3 +201,40 @@ def test_cuda_branch_composes_with_csrc_mod_layernorm(monkeypatch):
     ref_outs, ref_grads = _run(gated_residual_reference, ins, True, g_r, g_n)
     for name, a, e in zip(("r", "n") + NAMES, outs + grads, ref_outs + ref_grads):
         assert_close(a, e, torch.float32, name)
+
+
+# --------------------------------------------------------------------------- fake tensors
+@pytest.mark.parametrize("used", ["both", "only_r", "only_n", "plain"])
+def test_fake_tensors_save_what_the_kernels_save(used, device, monkeypatch):
+    """FakeTensorMode with triton forced: the custom ops' fake impls stand in for the kernels, so
+    the saved bytes are the kernels' (see test_mod_layernorm.fake_matches_real)."""
+    from .test_mod_layernorm import fake_matches_real
+
+    fused = used != "plain"
+    x, gate, y, scale, shift, g_r, g_n = _inputs((2, 3, 4, 40), torch.bfloat16, device)
+
+    def make(convert):
+        args = [convert(t).requires_grad_(True) for t in (x, gate, y, scale, shift)[:5 if fused else 3]]
+        grads = [convert(g_r) if used != "only_n" else None, convert(g_n) if used != "only_r" else None]
+        return args, args, grads
+
+    kernel_bytes, _ = fake_matches_real("gated_residual", gated_residual, gated_residual_reference,
+                                        make, monkeypatch)
+    el = x.element_size()
+    if fused:  # x, y, gate, scale and fp32 mean/rstd per row (r is recomputed)
+        assert kernel_bytes == (2 * x.numel() + 2 * gate.numel()) * el + 2 * 24 * 4
+    else:  # y and gate
+        assert kernel_bytes == (x.numel() + gate.numel()) * el
+
+
+def test_opcheck_custom_ops(device):
+    x, gate, y, scale, shift, g_r, g_n = _inputs((2, 3, 40), torch.float32, device)
+    y = y.transpose(0, 1).contiguous().transpose(0, 1)  # strided rows
+    ops = torch.ops.leapalign_triton
+    torch.library.opcheck(ops.gated_residual_fwd.default, (x, gate, y))
+    torch.library.opcheck(ops.gated_residual_ln_fwd.default, (x, gate, y, scale, shift, 1e-6))
+    _, _, mean, rstd = ops.gated_residual_ln_fwd(x, gate, y, scale, shift, 1e-6)
+    torch.library.opcheck(ops.gated_residual_bwd.default, (g_r, y, gate))
+    for gr, write_gx in ((g_r, True), (None, True), (g_r, False)):
+        torch.library.opcheck(ops.gated_residual_ln_bwd.default,
+                              (gr, g_n, x, y, gate, scale, mean, rstd, write_gx))

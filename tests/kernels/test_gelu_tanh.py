@@ -105,3 +105,30 @@ def test_cuda_bf16_flux_mlp_size(triton_backend):
     # Flux's MLP hidden activation: 4608 tokens x 12288
     x = (torch.randn(1, 4608, 12288, device="cuda") * 3).to(torch.bfloat16)
     check(x, 1e-2, 1e-2)
+
+
+# ----------------------------------------------------------------------------- fake tensors
+@pytest.mark.parametrize("strided", [False, True], ids=["dense", "strided"])
+def test_fake_tensors_save_what_the_kernels_save(strided, monkeypatch):
+    """FakeTensorMode with triton forced: the custom ops' fake impls stand in for the kernels, so
+    the saved bytes are the kernels' (the dense input; a copy of a strided one)."""
+    from .test_mod_layernorm import fake_matches_real
+
+    x = sample((3, 5, 69), torch.bfloat16)
+    dy = sample((5, 3, 69) if strided else (3, 5, 69), torch.bfloat16, seed=1)
+
+    def make(convert):
+        leaf = convert(x).requires_grad_(True)
+        arg = leaf.transpose(0, 1) if strided else leaf
+        return [arg], [leaf], [convert(dy)]
+
+    kernel_bytes, _ = fake_matches_real(OP, gelu_tanh, gelu_tanh_reference, make, monkeypatch)
+    assert kernel_bytes == x.numel() * x.element_size()
+
+
+def test_opcheck_custom_ops():
+    x, dy = sample((3, 70), torch.float32), sample((3, 70), torch.float32, seed=1)
+    ops = torch.ops.leapalign_triton
+    torch.library.opcheck(ops.gelu_tanh_fwd.default, (x,))
+    torch.library.opcheck(ops.gelu_tanh_fwd.default, (x.t(),))  # strided: copied to a dense buffer
+    torch.library.opcheck(ops.gelu_tanh_bwd.default, (x, dy))

@@ -217,3 +217,30 @@ def test_cuda_branch_glue_against_fake_csrc(monkeypatch):
     assert out[3].dtype == torch.float32 and out[4].dtype == torch.bfloat16
     assert_close(out[3], ref[3], torch.bfloat16, "grad_x_start")
     assert_close(out[4], ref[4], torch.bfloat16, "grad_v")
+
+
+# --------------------------------------------------------------------------- fake tensors
+def test_fake_tensors_run_the_triton_path(device, monkeypatch):
+    """FakeTensorMode with triton forced: the custom ops' fake impls stand in for the kernels
+    (outputs of the reference's shapes and dtypes; nothing saved, as with the kernels)."""
+    from .test_mod_layernorm import fake_matches_real
+
+    xs, v, xr, g_conn, g_inp = _inputs((2, 16, 64), DTYPES[3], device)
+
+    def make(convert):
+        a, b = convert(xs).requires_grad_(True), convert(v).requires_grad_(True)
+        return [a, b, convert(xr), C, ALPHA], [a, b], [convert(g_conn), convert(g_inp), None]
+
+    kernel_bytes, _ = fake_matches_real("leap_connect", leap_connect, leap_connect_reference, make,
+                                        monkeypatch)
+    assert kernel_bytes == 0
+
+
+def test_opcheck_custom_ops(device):
+    xs, v, xr, g_conn, g_inp = _inputs((2, 3, 40), DTYPES[3], device)
+    ops = torch.ops.leapalign_triton
+    torch.library.opcheck(ops.leap_connect_fwd.default, (xs, v, xr, C))
+    for gc, gi, wx, wv in ((g_conn, g_inp, True, True), (None, g_inp, True, False),
+                           (g_conn, None, False, True)):
+        torch.library.opcheck(ops.leap_connect_bwd.default,
+                              (gc, gi, C, ALPHA, torch.float32, torch.bfloat16, wx, wv))

@@ -182,3 +182,99 @@ def test_cuda_branch_glue_against_fake_csrc(monkeypatch):
     assert out[2].dtype == torch.bfloat16
     for name, a, e in zip(("y", "grad_x", "grad_scale", "grad_shift"), out, ref):
         assert_close(a, e, torch.bfloat16 if name == "grad_scale" else torch.float32, name)
+
+
+# --------------------------------------------------------------------------- fake tensors
+# The triton path goes through torch.library custom ops (leapalign_triton::*) whose fake impls
+# allocate the kernels' outputs, so on FakeTensors (how bench/measure.py sizes the full FLUX.1-dev
+# on a CPU) the autograd wrapper saves what it saves around the real kernels. The helpers below
+# are shared by the other ops' tests.
+def saved_bytes(fn):
+    """``fn()`` and the bytes autograd saved for its backward, each storage once (by identity:
+    fake tensors have no data pointers)."""
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages.setdefault(id(s), s)  # holding s keeps the ids unique
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(s.nbytes() for s in storages.values())
+
+
+def grad_run(fn, args, wrt, grad_outs):
+    """Outputs of ``fn(*args)``, grads of ``wrt`` (None where unused) and the saved bytes."""
+    outs, nbytes = saved_bytes(lambda: fn(*args))
+    outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+    used = [(o, g) for o, g in zip(outs, grad_outs) if g is not None]
+    grads = torch.autograd.grad([o for o, _ in used], wrt, [g for _, g in used], allow_unused=True)
+    return outs, grads, nbytes
+
+
+def fake_matches_real(op, fn, ref, make, monkeypatch):
+    """``make(convert)`` -> (args, wrt, grad_outs) built from base tensors passed through
+    ``convert`` (a fresh real copy, or its FakeTensor). Runs ``fn`` forward + backward with
+    triton forced on real tensors (the interpreter on CPU) and on fake ones (no interpreter:
+    nothing is launched), and ``ref`` on fake ones. The fake run must use triton, give outputs
+    and grads of the reference's shapes and dtypes, and save exactly the real run's bytes.
+    Returns (real bytes, reference bytes)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def meta(ts):
+        return [None if t is None else (tuple(t.shape), t.dtype) for t in ts]
+
+    monkeypatch.setenv("LEAPALIGN_BACKEND", "triton")
+    r_outs, r_grads, r_bytes = grad_run(fn, *make(lambda t: t.detach().clone()))
+    assert backend.last_backend(op) == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with FakeTensorMode() as mode:
+        f_outs, f_grads, f_bytes = grad_run(fn, *make(mode.from_tensor))
+        assert backend.last_backend(op) == "triton"
+        e_outs, e_grads, e_bytes = grad_run(ref, *make(mode.from_tensor))
+    assert meta(f_outs) == meta(e_outs) == meta(r_outs)
+    assert meta(f_grads) == meta(e_grads) == meta(r_grads)
+    assert f_bytes == r_bytes, f"fake run saved {f_bytes} B, the kernels {r_bytes} B"
+    return r_bytes, e_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fake_tensors_save_what_the_kernels_save(dtype, device, monkeypatch):
+    x, scale, shift, gy = _inputs((2, 3, 4, 40), dtype, device)
+
+    def make(convert):
+        args = [convert(t).requires_grad_(True) for t in (x, scale, shift)]
+        return args, args, [convert(gy)]
+
+    kernel_bytes, ref_bytes = fake_matches_real("mod_layernorm", mod_layernorm, mod_layernorm_reference,
+                                                make, monkeypatch)
+    # x, scale and fp32 mean/rstd per row; the reference keeps fp32 activations instead, which is
+    # what a fake-tensor measurement would wrongly count if it fell back to the reference.
+    assert kernel_bytes == (x.numel() + scale.numel()) * x.element_size() + 2 * 24 * 4
+    assert ref_bytes > kernel_bytes
+
+
+def test_fake_cuda_tensors_pick_triton(monkeypatch):
+    """Fake CUDA tensors (a GPU-sized measurement on a CPU) take the triton path too. Forward
+    only: autograd on fake CUDA tensors aborts a CPU-only torch build."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setenv("LEAPALIGN_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with FakeTensorMode():
+        x = torch.empty(2, 5, 64, dtype=torch.bfloat16, device="cuda")
+        scale = torch.empty(2, 64, dtype=torch.bfloat16, device="cuda")
+        y = mod_layernorm(x, scale, scale)
+    assert backend.last_backend("mod_layernorm") == "triton"
+    assert y.shape == x.shape and y.dtype == x.dtype and y.is_cuda
+
+
+def test_opcheck_custom_ops(device):
+    """torch.library.opcheck (schema, fake impl vs real outputs, aot dispatch) on the triton ops."""
+    x, scale, shift, gy = _inputs((2, 3, 40), torch.float32, device)
+    x = x.transpose(0, 1).contiguous().transpose(0, 1)  # strided rows, as as_rows passes them
+    ops = torch.ops.leapalign_triton
+    torch.library.opcheck(ops.mod_layernorm_fwd.default, (x, scale, shift, 1e-6))
+    _, mean, rstd = ops.mod_layernorm_fwd(x, scale, shift, 1e-6)
+    torch.library.opcheck(ops.mod_layernorm_bwd.default, (gy, x, scale.bfloat16(), mean, rstd))

@@ -303,3 +303,52 @@ def test_cuda_bf16_flux_size(n_txt, triton_backend):
         assert_close_scaled(o, r, 2e-2)
     for gr, rg in zip(grads, ref_grads):
         assert_close_scaled(gr, rg, 2e-2)
+
+
+# ----------------------------------------------------------------------------- fake tensors
+@pytest.mark.parametrize("n_txt", [0, 2])
+def test_fake_tensors_save_what_the_kernels_save(n_txt, monkeypatch):
+    """FakeTensorMode with triton forced: the custom ops' fake impls stand in for the kernels, so
+    the saved bytes are the kernels' (see test_mod_layernorm.fake_matches_real). q and k are views
+    of one fused qkv projection, as in Flux: their storage is counted once."""
+    from .test_mod_layernorm import fake_matches_real
+
+    b, n, h, dh = 2, 5, 3, 16
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(b, n, 3 * h * dh, generator=g).to(DEVICE, torch.bfloat16)
+    ws = [(torch.randn(dh, generator=g) * 0.3 + 1).to(DEVICE, torch.bfloat16) for _ in range(4)]
+    cos, sin = rope_tables(n, dh)
+    gq, gk = (torch.randn(b, n, h, dh, generator=g).to(DEVICE, torch.bfloat16) for _ in range(2))
+
+    def make(convert):
+        x = convert(qkv).requires_grad_(True)
+        q, k, _ = (t.unflatten(-1, (h, dh)) for t in x.split(h * dh, dim=-1))
+        w = [convert(t).requires_grad_(True) for t in ws]
+        txt = (w[2], w[3]) if n_txt else (None, None)
+        wrt = [x, w[0], w[1], *(w[2:] if n_txt else [])]
+        return [q, k, w[0], w[1], convert(cos), convert(sin), *txt], wrt, [convert(gq), convert(gk)]
+
+    def fn(q, k, wq, wk, cos, sin, wq_txt, wk_txt):
+        return qk_norm_rope(q, k, wq, wk, cos, sin, wq_txt=wq_txt, wk_txt=wk_txt, n_txt=n_txt)
+
+    def ref(q, k, wq, wk, cos, sin, wq_txt, wk_txt):
+        return qk_norm_rope_reference(q, k, wq, wk, cos, sin, wq_txt=wq_txt, wk_txt=wk_txt, n_txt=n_txt)
+
+    kernel_bytes, _ = fake_matches_real(OP, fn, ref, make, monkeypatch)
+    # qkv once, the weights, cos/sin (fp32) and fp32 rstd per (token, head) for q and for k
+    n_w = 4 if n_txt else 2
+    assert kernel_bytes == qkv.numel() * 2 + n_w * dh * 2 + 2 * n * dh * 4 + 2 * b * n * h * 4
+
+
+def test_opcheck_custom_ops():
+    b, n, h, dh, n_txt = 2, 4, 3, 16, 1
+    q, k, wq, wk, wq_txt, wk_txt = make_inputs(b, n, h, dh, n_txt, torch.float32)
+    cos, sin = rope_tables(n, dh)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # strided
+    ops = torch.ops.leapalign_triton
+    args = (q, k, wq, wk, wq_txt, wk_txt, cos, sin)
+    torch.library.opcheck(ops.qk_norm_rope_fwd.default, (*args, 1e-6, n_txt))
+    _, _, rstd_q, rstd_k = ops.qk_norm_rope_fwd(*args, 1e-6, n_txt)
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    torch.library.opcheck(ops.qk_norm_rope_bwd.default,
+                          (q, k, gq, gk, rstd_q, rstd_k, wq, wk, wq_txt, wk_txt, cos, sin, n_txt))
