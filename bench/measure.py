@@ -5,12 +5,11 @@ a GPU" describes.
 from __future__ import annotations
 
 import contextlib
-import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
-from torch.utils.weak import WeakIdKeyDictionary
+
+from engine.memory import PeakLiveBytes, SavedBytes  # noqa: F401  (re-exported for the benches)
 
 # The published FLUX.1-dev transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json)
 FLUX_DEV_CONFIG = dict(
@@ -18,84 +17,6 @@ FLUX_DEV_CONFIG = dict(
     attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
     pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56],
 )
-
-
-def _storage_key(t: torch.Tensor):
-    try:
-        return t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return None
-
-
-class SavedBytes:
-    """Context manager: bytes of the tensors autograd saves for backward, each storage once.
-
-    Storages of ``exclude`` (the weights, which live anyway) are not counted, so the figure is
-    what the graph adds on top of the model.
-    """
-
-    def __init__(self, exclude=()):
-        self.bytes = 0
-        self._seen = WeakIdKeyDictionary()
-        for t in exclude:
-            st = _storage_key(t)
-            if st is not None:
-                self._seen[st] = True
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, t):
-        st = _storage_key(t)
-        if st is not None and st not in self._seen:
-            self._seen[st] = True
-            self.bytes += st.nbytes()
-        return t
-
-    def __enter__(self):
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-
-
-class PeakLiveBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages created inside the mode and still alive.
-
-    Storages first seen as inputs (parameters, caller-owned tensors) count as pre-existing and are
-    never added; every new output storage is added once and subtracted when it is freed. Works on
-    fake tensors, so a full-size model's activation peak can be measured on a CPU.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._known = WeakIdKeyDictionary()
-
-    def _track(self, t, new: bool):
-        if not isinstance(t, torch.Tensor):
-            return
-        st = _storage_key(t)
-        if st is None or st in self._known:
-            return
-        self._known[st] = True
-        if new:
-            n = st.nbytes()
-            self.live += n
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(st, self._free, n)
-
-    def _free(self, n):
-        self.live -= n
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        for a in torch.utils._pytree.tree_leaves((args, kwargs)):
-            self._track(a, new=False)
-        out = func(*args, **kwargs)
-        for o in torch.utils._pytree.tree_leaves(out):
-            self._track(o, new=True)
-        return out
 
 
 def attention_flops(batch: int, tokens: int, width: int, blocks: int, backward: bool = False) -> int:

@@ -208,7 +208,8 @@ def test_saved_bytes_and_budget_plan():
     for kind, b in per.items():
         # full keeps its inputs (the two streams and temb) and nothing else
         assert b["full"] == stream + 2 * model.inner_dim * 4
-        assert b["full"] < b["lean"] <= b["none"]  # the torch references save what autograd does
+        # lean keeps only the matmul and attention outputs (the elementwise chains are recomputed)
+        assert b["full"] < b["lean"] <= 0.5 * b["none"]
     kinds = ["double", "single", "single"]
     full = sum(per[k]["full"] for k in kinds)
     assert lean.plan_budget(kinds, per, 10**12) == ["lean"] * 3

@@ -12,7 +12,11 @@ Policies:
   none    diffusers' own forward, plain autograd.
   lean    the fused ops of ``kernels``: modulated LayerNorm, QK RMSNorm + RoPE, GELU-tanh and the
           gated residual (fused with the next modulated norm in the double block); attention
-          through flash-attn (CUDA, fp16/bf16, when importable) else SDPA.
+          through flash-attn (CUDA, fp16/bf16, when importable) else SDPA. Under selective
+          activation checkpointing: the outputs of the matmuls and of attention are kept, every
+          elementwise chain is recomputed in the backward (by the same fused kernels). So no
+          matmul and no attention forward runs twice, and what stays between forward and
+          backward is the block input, the projections and the attention output/logsumexp.
   full    non-reentrant ``torch.utils.checkpoint`` around the lean forward: saves the block's
           inputs, recomputes the rest. The inner forward is the lean one, so the recompute and
           the no-grad rollout run the fused ops too.
@@ -36,7 +40,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import (
@@ -46,6 +50,7 @@ from diffusers.models.transformers.transformer_flux import (
     _get_qkv_projections,  # handles diffusers' fused qkv projections too
 )
 
+from engine.memory import held_bytes
 from kernels import backend
 from kernels.gated_residual import gated_residual
 from kernels.gelu_tanh import gelu_tanh
@@ -181,18 +186,43 @@ def _lean_fn(block):
     return _double_lean if isinstance(block, FluxTransformerBlock) else _single_lean
 
 
+_aten = torch.ops.aten
+# Ops whose outputs a lean block keeps: the matmuls and attention, the expensive part of a block.
+# Everything else (the fused elementwise ops, cats, splits, copies) is recomputed in backward.
+_KEEP = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default,
+         _aten._scaled_dot_product_flash_attention.default,
+         _aten._scaled_dot_product_flash_attention_for_cpu.default,
+         _aten._scaled_dot_product_efficient_attention.default,
+         _aten._scaled_dot_product_cudnn_attention.default}
+if hasattr(torch.ops, "flash_attn") and hasattr(torch.ops.flash_attn, "_flash_attn_forward"):
+    _KEEP.add(torch.ops.flash_attn._flash_attn_forward.default)
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _KEEP else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpointed(fn, self, args, kwargs, context_fn=None):
+    # diffusers calls blocks with keywords; checkpoint keeps keyword tensors in a closure, where
+    # saved-tensor hooks cannot count them, and positional ones through save_for_backward.
+    bound = inspect.signature(fn).bind(self, *args, **kwargs)
+    extra = {"context_fn": context_fn} if context_fn is not None else {}
+    return checkpoint(fn, *bound.args, use_reentrant=False, **extra)
+
+
 def _lean_forward(self, *args, **kwargs):
-    return _lean_fn(self)(self, *args, **kwargs)
+    fn = _lean_fn(self)
+    if not torch.is_grad_enabled():  # rollout: nothing to keep
+        return fn(self, *args, **kwargs)
+    return _checkpointed(fn, self, args, kwargs,
+                         functools.partial(create_selective_checkpoint_contexts, _keep_matmuls))
 
 
 def _full_forward(self, *args, **kwargs):
     fn = _lean_fn(self)
     if not torch.is_grad_enabled():  # rollout: nothing to checkpoint
         return fn(self, *args, **kwargs)
-    # diffusers calls blocks with keywords; checkpoint keeps keyword tensors in a closure, where
-    # saved-tensor hooks cannot count them, and positional ones through save_for_backward.
-    bound = inspect.signature(fn).bind(self, *args, **kwargs)
-    return checkpoint(fn, *bound.args, use_reentrant=False)
+    return _checkpointed(fn, self, args, kwargs)
 
 
 # --------------------------------------------------------------------------- swapping
@@ -286,25 +316,20 @@ def describe(transformer: FluxTransformer2DModel) -> dict:
 
 # --------------------------------------------------------------------------- memory budget
 def measure_saved_bytes(block: torch.nn.Module, inputs: dict) -> int:
-    """Bytes the block's current forward saves for backward on ``inputs``, each storage once.
+    """Bytes the block's current forward leaves held for its backward on ``inputs``.
 
-    Parameters (LoRA included) are resident anyway and are left out; the block's inputs are
-    counted when saved (that is all ``full`` keeps). Tensors shared by every block (temb, the
-    RoPE tables: B*D and N*Dh elements) are counted in each, a small overcount next to B*N*D.
+    Counted as the storages the forward creates that are still alive after it (its outputs
+    excepted), so what selective checkpointing caches outside the autograd graph counts too.
+    Parameters (LoRA included) are resident anyway and not counted. Every policy keeps the block's
+    input streams and temb alive for its backward (``full`` keeps nothing else), so their bytes
+    are added once.
     """
-    params = {id(t.untyped_storage()) for t in [*block.parameters(), *block.buffers()]}
-    seen: dict[int, torch.UntypedStorage] = {}  # holding the storages keeps their ids unique
-
-    def pack(t):
-        s = t.untyped_storage()
-        if id(s) not in params:
-            seen.setdefault(id(s), s)
-        return t
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = block(**inputs)
+    tensors = [t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+    with torch.enable_grad():
+        out, held = held_bytes(lambda: block(**inputs), exclude=[*block.parameters(), *block.buffers(), *tensors])
     del out
-    return sum(s.nbytes() for s in seen.values())
+    kept = [inputs[k] for k in ("hidden_states", "encoder_hidden_states", "temb") if k in inputs]
+    return held + sum(t.numel() * t.element_size() for t in kept)
 
 
 def block_inputs(transformer: FluxTransformer2DModel, batch: int, txt_tokens: int,
