@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch.utils.checkpoint import checkpoint
 
 from engine import checkpoint as ckpt
 from engine.config import TrainConfig, from_dict, to_dict
@@ -137,7 +138,11 @@ class LeapTrainer:
         def r(x0: torch.Tensor) -> torch.Tensor:
             return self.reward_model(self.adapter.decode(x0, H, W), prompts)
 
-        return r
+        if not self.cfg.model.checkpoint_reward:
+            return r
+        # Frozen decoder and reward: keep only the latent, recompute their forward in backward,
+        # so their activations (several GiB for Flux's VAE at 1024^2) do not set the peak.
+        return lambda x0: checkpoint(r, x0, use_reentrant=False)
 
     # ------------------------------------------------------------------ one step
     def step(self) -> dict:

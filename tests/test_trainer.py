@@ -68,6 +68,16 @@ def test_block_policies_train_identically(tmp_path, policy):
         torch.testing.assert_close(runs[policy][n], runs["none"][n], rtol=1e-5, atol=1e-6)
 
 
+def test_reward_checkpointing_changes_nothing_but_memory(tmp_path):
+    runs = {}
+    for ck in ("true", "false"):
+        t = LeapTrainer(cfg(tmp_path / ck, f"model.checkpoint_reward={ck}"))
+        t.step()
+        runs[ck] = weights(t)
+    for n in runs["true"]:
+        torch.testing.assert_close(runs["true"][n], runs["false"][n], rtol=1e-6, atol=1e-7)
+
+
 def test_training_moves_weights_and_logs(tmp_path):
     t = LeapTrainer(cfg(tmp_path))
     before = weights(t)
