@@ -39,9 +39,12 @@ step csrc_build 150 python3 -c "from kernels import _csrc; _csrc.load(); print(_
 step kernel_tests 120 python3 -m pytest -q tests/kernels -p no:cacheprovider
 step engine_gpu_tests 60 python3 -m pytest -q -m gpu tests --ignore=tests/kernels -p no:cacheprovider
 # 3. kernel benchmarks at Flux-dev sizes
-step bench_kernels 240 python3 -m pytest bench/bench_kernels.py -q -p no:cacheprovider --benchmark-enable \
+step bench_kernels 180 python3 -m pytest bench/bench_kernels.py -q -p no:cacheprovider --benchmark-enable \
   --benchmark-json="$OUT/bench_kernels.json"
 [ -f "$OUT/bench_kernels.json" ] && python3 bench/summarize_kernels.py "$OUT/bench_kernels.json" >> "$OUT/summary.md"
+# 4. one double + one single block per backward policy (none / full / lean / checkpointed diffusers)
+step bench_block 60 python3 bench/bench_block.py --device cuda --out "$OUT"
+[ -f "$OUT/block_cuda.md" ] && { echo; cat "$OUT/block_cuda.md"; } >> "$OUT/summary.md"
 
 {
   echo
