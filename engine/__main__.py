@@ -1,4 +1,4 @@
-"""python -m engine {train, sample}"""
+"""python -m engine {train, sample, export}"""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +39,16 @@ def _sample(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from engine.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, lora=args.lora, ema=args.ema)
+    what = "LoRA weights (FluxPipeline.load_lora_weights)" if args.lora else \
+        "transformer folder (FluxTransformer2DModel.from_pretrained)"
+    print(f"wrote {what} to {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -54,8 +64,15 @@ def main(argv=None) -> int:
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's T)")
     s.add_argument("--ema", action="store_true", help="sample with the EMA weights")
     s.add_argument("--out", default="samples.png")
+    e = sub.add_parser("export", help="export a checkpoint's transformer in diffusers' formats")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--lora", action="store_true",
+                   help="write only the LoRA adapter (for FluxPipeline.load_lora_weights); default: a full "
+                        "transformer folder, LoRA fused in")
+    e.add_argument("--ema", action="store_true", help="export the EMA weights")
     args = ap.parse_args(argv)
-    return {"train": _train, "sample": _sample}[args.cmd](args)
+    return {"train": _train, "sample": _sample, "export": _export}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,10 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     prompts: list = field(default_factory=lambda: ["a red square"])
-    eval_prompts: list = field(default_factory=list)   # empty: the training prompts
+    eval_prompts: list = field(default_factory=list)   # empty: the test split, else the training prompts
+    prompt_file: str = ""             # .txt (one per line, # comments) or HPDv2 .json; replaces prompts
+    test_fraction: float = 0.0        # share of prompt_file held out as eval prompts (seeded split)
+    embed_cache_dir: str = ""         # on-disk prompt-embedding cache (engine/flux/embed_cache.py)
     steps: int = 100
     batch_size: int = 1
     num_steps: int = 25               # T, sampling steps of the rollout
@@ -83,8 +86,12 @@ class TrainConfig:
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.prompts:
+        if not self.prompts and not self.prompt_file:
             raise ValueError("prompts must not be empty")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must lie in [0, 1), got {self.test_fraction}")
+        if self.test_fraction > 0 and not self.prompt_file:
+            raise ValueError("test_fraction splits prompt_file, but prompt_file is not set")
         if self.model.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"model.dtype must be float32 or bfloat16, got {self.model.dtype!r}")
         if self.model.policy not in ("none", "full", "lean", "budget"):

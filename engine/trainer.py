@@ -6,6 +6,8 @@ atomic safetensors checkpoints with exact resume, and per-step metrics as JSONL.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import math
 import resource
@@ -20,10 +22,12 @@ from torch.utils.checkpoint import checkpoint
 from engine import checkpoint as ckpt
 from engine.config import TrainConfig, from_dict, to_dict
 from engine.flux.adapter import FluxAdapter
+from engine.flux.embed_cache import CachedTextEncoder, encoder_identity, pipeline_encoder_id
 from engine.flux.lean import apply_policy, block_inputs
 from engine.flux.text import PipelineTextEncoder
 from engine.flux.tiny import HashTextEncoder, build_tiny_flux
 from engine.methods import make_method
+from engine.prompts import load_prompt_split
 from engine.report import plot_reward_curve, save_grid
 from engine.rewards import build_reward
 from engine.schedule import flux_sigmas
@@ -60,12 +64,26 @@ class LeapTrainer:
             else:
                 adapter = FluxAdapter.from_pretrained(m.source, dtype, self.device, m.guidance_scale)
         self.adapter = adapter
+        # training prompts and the held-out ones (prompt_file, when set, replaces cfg.prompts)
+        if cfg.prompt_file:
+            self.prompts, self.test_prompts = load_prompt_split(cfg.prompt_file, cfg.test_fraction, cfg.seed)
+        else:
+            self.prompts, self.test_prompts = list(cfg.prompts), []
+        encoder_id = None
         if text_encoder is None:
             tc = adapter.transformer.config
             if m.source == "tiny":
                 text_encoder = HashTextEncoder(tc.joint_attention_dim, tc.pooled_projection_dim, seed=m.seed)
+            elif cfg.embed_cache_dir:   # built only on a cache miss, dropped after the precompute
+                text_encoder = functools.partial(PipelineTextEncoder, m.source, dtype, self.device)
+                encoder_id = pipeline_encoder_id(m.source, 512, dtype)
             else:
                 text_encoder = PipelineTextEncoder(m.source, dtype, self.device)
+        if cfg.embed_cache_dir:
+            text_encoder = CachedTextEncoder(text_encoder, cfg.embed_cache_dir,
+                                             encoder_id or encoder_identity(text_encoder))
+            text_encoder.precompute(self.prompts + self.eval_prompts(), progress=True)
+            text_encoder.release()
         self.text_encoder = text_encoder
         reward = reward if reward is not None else build_reward(cfg.reward.name, **cfg.reward.params)
         self.reward_model = reward.requires_grad_(False).eval().to(self.device)
@@ -104,7 +122,7 @@ class LeapTrainer:
         kw = {}
         if m.policy == "budget":
             h, w = self.adapter.latent_size(m.height, m.width)
-            txt = self.text_encoder.encode(["x"])[0].shape[1]
+            txt = self.text_encoder.encode(self.prompts[:1])[0].shape[1]
             kw = dict(budget_bytes=int(m.budget_gib * 2**30),
                       inputs=block_inputs(self.transformer, self.cfg.batch_size, txt, (h // 2, w // 2)))
         return apply_policy(self.transformer, m.policy, **kw)
@@ -152,8 +170,8 @@ class LeapTrainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
-        idx = torch.randint(len(cfg.prompts), (cfg.batch_size,), generator=self.generator).tolist()
-        prompts = [cfg.prompts[i] for i in idx]
+        idx = torch.randint(len(self.prompts), (cfg.batch_size,), generator=self.generator).tolist()
+        prompts = [self.prompts[i] for i in idx]
         cond = self._condition(prompts)
         x1 = self.adapter.noise(cfg.batch_size, cfg.model.height, cfg.model.width, generator=self.generator,
                                 device=self.device)
@@ -223,7 +241,7 @@ class LeapTrainer:
         return images, rewards
 
     def eval_prompts(self) -> list[str]:
-        base = self.cfg.eval_prompts or self.cfg.prompts
+        base = self.cfg.eval_prompts or self.test_prompts or self.prompts
         return [base[i % len(base)] for i in range(self.cfg.samples)]
 
     # ------------------------------------------------------------------ checkpoints
@@ -246,7 +264,8 @@ class LeapTrainer:
         meta = {"step": str(self.step_count), "skipped": str(self.skipped),
                 "fingerprint": ckpt.fingerprint(self._model_config(), self._shapes()),
                 "model_config": json.dumps(self._model_config(), sort_keys=True),
-                "shapes": json.dumps(self._shapes()), "config": yaml.safe_dump(to_dict(self.cfg))}
+                "shapes": json.dumps(self._shapes()), "config": yaml.safe_dump(to_dict(self.cfg)),
+                "prompts_sha256": self._prompts_digest()}
         ckpt.save_atomic(path, tensors, meta)
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -274,6 +293,12 @@ class LeapTrainer:
                 self.ema[n].copy_(tensors[f"ema.{n}"])
         self.generator.set_state(tensors["rng.generator"])
         self.step_count, self.skipped = int(meta["step"]), int(meta["skipped"])
+        if meta.get("prompts_sha256", self._prompts_digest()) != self._prompts_digest():
+            warnings.warn(f"checkpoint {path} was trained on another prompt list (prompt_file changed?); "
+                          f"resuming on the current one")
+
+    def _prompts_digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.prompts).encode("utf-8")).hexdigest()
 
     @staticmethod
     def config_from_checkpoint(path: str | Path) -> TrainConfig:
