@@ -199,7 +199,17 @@ if hasattr(torch.ops, "flash_attn") and hasattr(torch.ops.flash_attn, "_flash_at
 
 
 def _keep_matmuls(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _KEEP else CheckpointPolicy.PREFER_RECOMPUTE
+    if op not in _KEEP:
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    # A low-rank up-projection (LoRA's lora_B: contraction over the rank r, output D wide) is as
+    # big to keep as the base matmul's output but costs only r/D of its FLOPs to redo: keeping it
+    # would double what a LoRA block holds, recomputing it adds ~2 % FLOPs at r=64, D=3072. Its
+    # small input (lora_A's output, N x r) is kept.
+    if op in (_aten.mm.default, _aten.addmm.default):
+        a, b = args[-2], args[-1]
+        if a.shape[-1] * 8 <= b.shape[-1]:
+            return CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE
 
 
 def _checkpointed(fn, self, args, kwargs, context_fn=None):
