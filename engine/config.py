@@ -23,7 +23,7 @@ class ModelConfig:
     # how the graph-keeping passes keep activations (engine/flux/lean.py): none | full | lean | budget
     policy: str = "none"
     budget_gib: float = 0.0           # policy=budget: bound on the blocks' saved activations
-    checkpoint_reward: bool = True    # VAE decode + reward under checkpointing in the backward
+    checkpoint_reward: bool = True    # VAE decoder blocks recomputed in the backward
 
 
 @dataclass
