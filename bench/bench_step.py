@@ -1,0 +1,640 @@
+"""One whole LeapAlign training iteration (and the baselines') at FLUX.1-dev size: memory terms,
+peak memory, time per iteration and rollout MFU, per method and backward policy.
+
+    python bench/bench_step.py --out DIR [--device cpu|cuda] [--res 512 1024] [--methods ...]
+                               [--policies none full lean baseline] [--steps 25]
+
+Setup (both devices): diffusers' FluxTransformer2DModel with FLUX.1-dev's published config
+(bench/measure.py FLUX_DEV_CONFIG: 19 double + 38 single blocks, width 3072), random bf16 weights,
+LoRA rank 64 / alpha 64 through the trainer's own peft call on engine/config.py's LoraConfig.targets
+(attention + MLP linears), batch 1, 512 text tokens (random prompt embeddings: the trainer caches
+embeddings, no text encoder is resident), Flux's VAE config (AutoencoderKL, block_out_channels
+[128, 256, 512, 512], latent_channels 16, scaling 0.3611, shift 0.1159, no quant convs; random
+weights, frozen), reward engine.rewards.ColourReward (per-pixel colour distance: no parameters,
+a few elementwise ops on the image, i.e. negligible FLOPs and one image-sized fp32 temporary
+-- a learned reward such as HPSv2.1 would add its ViT's weights and activations on top).
+Everything goes through engine.trainer.LeapTrainer (built with this adapter, a stub text encoder
+and the reward passed in): its ``_apply_policy``, ``_condition``, ``reward_fn`` (VAE decode +
+reward, checkpointed when ``model.checkpoint_reward``), ``method.loss`` and, on GPU, ``step()``
+itself (loss, backward, grad clipping, AdamW, EMA).
+
+Policies:
+  none / full / lean   engine.flux.lean.apply_policy on the graph-keeping passes; VAE decode +
+                       reward under checkpointing (model.checkpoint_reward=True, the engine default)
+  baseline             diffusers' own blocks with ``transformer.enable_gradient_checkpointing()``,
+                       policy none, VAE decode + reward NOT checkpointed (model.checkpoint_reward=
+                       False): how a plain diffusers training script runs. Ratios are against it.
+
+GPU (--device cuda): real tensors; per method x policy one warm-up iteration then --iters timed
+ones (CUDA events around ``trainer.step()``, median), peak = torch.cuda.max_memory_allocated over
+the timed iterations (reset by step()), rollout MFU = FlopCounterMode FLOPs of one no-grad forward
+x T / CUDA-event time of ``adapter.rollout`` (T no-grad forwards) / --peak-flops (790e12, bf16
+dense); T=10 vs T=25 peak for leapalign. --budget-s stops starting new configs when the time is
+spent (what ran is written). OOMs are recorded, not fatal.
+
+CPU (--device cpu, no GPU): the same model on FakeTensors (bench.measure.fake_mode: no RAM, no
+compute), LEAPALIGN_BACKEND=triton so the lean blocks take the Triton ops' fake impls (saving what
+the real kernels save). Measured per resolution:
+  weights          bytes of transformer base weights, LoRA weights, VAE weights; AdamW states,
+                   gradients and the fp32 EMA of the LoRA weights computed from the LoRA sizes
+                   (AdamW's step on fake tensors calls .item(): not run)
+  FLOPs            FlopCounterMode on one no-grad forward (with LoRA) + attention by hand
+                   (measure.attention_flops: CPU SDPA is not counted); also without LoRA
+  pass held        engine.memory.held_bytes around one graph-keeping velocity call (the real
+                   adapter.velocity, parameters excluded, its output excluded), per policy, with
+                   LoRA (the configured run) and with every weight trainable (design.md's table)
+  VAE + reward     PeakLiveBytes over trainer.reward_fn (decode + ColourReward) forward+backward
+                   into the latent, with and without checkpointing; the reward alone on an image
+  iteration        PeakLiveBytes across the whole trainer.method.loss (T no-grad rollout steps,
+                   the two graph-keeping passes, leaps, decode, reward) + loss.backward(), for
+                   leapalign with each policy and for the baseline (and T=10 vs T=25 for
+                   leapalign/lean); parameters are pre-existing and not counted, LoRA gradients
+                   are (they are created by backward). Whole-iteration peak = that + weights
+                   (transformer + LoRA + VAE) + AdamW states + fp32 EMA (steady state).
+Writes step_<device>.json and step_<device>.md into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.measure import FLUX_DEV_CONFIG, GiB, PeakLiveBytes, attention_flops, count_flops  # noqa: E402
+
+METHODS = ("leapalign", "refl", "draft-lv", "drtune", "full")
+POLICIES = ("none", "full", "lean", "baseline")
+TEXT_TOKENS = 512
+LORA_RANK = 64
+FLUX_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512], layers_per_block=2, act_fn="silu",
+    latent_channels=16, norm_num_groups=32, sample_size=1024,
+    scaling_factor=0.3611, shift_factor=0.1159, latents_mean=None, latents_std=None,
+    force_upcast=True, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True,
+)
+TARGETS = dict(mem_ratio_max=0.7, time_ratio_max=0.85, rollout_mfu_min_1024=0.60)
+PROMPT = "a red square"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
+def gib(b) -> str:
+    if b is None:
+        return "-"
+    return f"{b / GiB:.2f} GiB"
+
+
+def nbytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        st = t.untyped_storage()
+        key = (st.data_ptr(), st.nbytes()) if not _is_fake(t) else id(st)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += st.nbytes()
+    return total
+
+
+def _is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+    return is_fake(t)
+
+
+class StubTextEncoder:
+    """Cached prompt embeddings stand-in: T5 (512 x 4096) + CLIP pooled (768), random, fixed."""
+
+    def __init__(self, joint_dim: int, pooled_dim: int, tokens: int, dtype, device):
+        self.shape = (tokens, joint_dim, pooled_dim)
+        self.dtype, self.device = dtype, device
+
+    def encode(self, prompts):
+        tokens, joint, pooled = self.shape
+        g = torch.Generator().manual_seed(0)
+        pe = torch.randn(len(prompts), tokens, joint, generator=g).to(self.dtype)
+        po = torch.randn(len(prompts), pooled, generator=g).to(self.dtype)
+        return pe, po
+
+
+# ----------------------------------------------------------------------------- building
+def _fake_safe_to():
+    """peft moves its new LoRA layers with Module.to(device, dtype); on a fake module that fails
+    (swap_tensors on FakeTensors) even when nothing changes. Make such no-op moves no-ops."""
+    orig = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        ts = list(self.parameters()) + list(self.buffers())
+        if all((device is None or t.device.type == torch.device(device).type)
+               and (dtype is None or not t.is_floating_point() or t.dtype == dtype) for t in ts):
+            return self
+        return orig(self, *args, **kwargs)
+
+    return mock.patch.object(torch.nn.Module, "to", to)
+
+
+def _real_sigmas():
+    """LeapTrainer computes its sigma schedule through diffusers' scheduler (.item() inside): keep
+    it out of the fake mode so the schedule is real, as leapalign's sigmas.tolist() needs."""
+    import engine.trainer as trainer_mod
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    orig = trainer_mod.flux_sigmas
+
+    def flux_sigmas(*a, **k):
+        with unset_fake_temporarily():
+            return orig(*a, **k)
+
+    return mock.patch.object(trainer_mod, "flux_sigmas", flux_sigmas)
+
+
+def build_trainer(res: int, device: str, steps: int, tiny: bool = False, fake_mode=None, lora_rank: int = LORA_RANK):
+    """A LeapTrainer over a random-weight FLUX.1-dev (or the tiny model), LoRA on, at res x res."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    from engine.config import TrainConfig
+    from engine.flux.adapter import FluxAdapter
+    from engine.flux.tiny import tiny_transformer_config, tiny_vae_config
+    from engine.rewards import ColourReward
+    from engine.trainer import LeapTrainer
+
+    dtype = torch.float32 if tiny else torch.bfloat16
+    tcfg = tiny_transformer_config() if tiny else FLUX_DEV_CONFIG
+    vcfg = tiny_vae_config() if tiny else FLUX_VAE_CONFIG
+    cfg = TrainConfig()
+    cfg.device = device
+    cfg.model.height = cfg.model.width = res
+    cfg.model.dtype = "float32" if tiny else "bfloat16"
+    cfg.num_steps = steps
+    cfg.lora.enabled = True
+    cfg.lora.rank = lora_rank
+    cfg.lora.alpha = float(lora_rank)
+    cfg.prompts = [PROMPT]
+    old = torch.get_default_dtype()
+    ctx = contextlib.ExitStack()
+    with ctx:
+        torch.set_default_dtype(dtype)
+        ctx.callback(torch.set_default_dtype, old)
+        if fake_mode is not None:
+            ctx.enter_context(fake_mode)
+            ctx.enter_context(_fake_safe_to())
+            ctx.enter_context(_real_sigmas())
+        elif device == "cuda":
+            ctx.enter_context(torch.device("cuda"))
+        torch.manual_seed(0)
+        transformer = FluxTransformer2DModel(**tcfg)
+        vae = AutoencoderKL(**vcfg)
+        adapter = FluxAdapter(transformer, vae)
+        c = transformer.config
+        text = StubTextEncoder(c.joint_attention_dim, c.pooled_projection_dim, 16 if tiny else TEXT_TOKENS, dtype, device)
+        trainer = LeapTrainer(cfg, adapter=adapter, text_encoder=text, reward=ColourReward())
+    return trainer
+
+
+def configure(trainer, method: str, policy: str, steps: int | None = None):
+    """Switch the trainer to a method and a policy (the baseline: diffusers' checkpointing)."""
+    from engine.methods import make_method
+    from engine.schedule import flux_sigmas
+
+    tr = trainer.transformer
+    if getattr(tr, "gradient_checkpointing", False):
+        tr.disable_gradient_checkpointing()
+    trainer.cfg.model.policy = "none" if policy == "baseline" else policy
+    trainer.policy = trainer._apply_policy()
+    if policy == "baseline":
+        tr.enable_gradient_checkpointing()
+    trainer.cfg.model.checkpoint_reward = policy != "baseline"
+    trainer.method = make_method(method)
+    trainer.cfg.method.name = method
+    if steps is not None and steps != trainer.cfg.num_steps:
+        trainer.cfg.num_steps = steps
+        H, W = trainer.cfg.model.height, trainer.cfg.model.width
+        trainer.sigmas = flux_sigmas(steps, trainer.adapter.image_seq_len(H, W))
+
+
+def image_tokens(res: int) -> int:
+    return (res // 16) ** 2
+
+
+# ----------------------------------------------------------------------------- CPU: fake tensors
+def cpu_resolution(res: int, policies, steps: int, t_check: int, log) -> dict:
+    from bench.measure import fake_mode
+    from engine.memory import held_bytes
+
+    r: dict = {"res": res, "image_tokens": image_tokens(res), "text_tokens": TEXT_TOKENS}
+    t0 = time.perf_counter()
+    with fake_mode() as mode:
+        pass
+    trainer = build_trainer(res, "cpu", steps, fake_mode=mode)
+    tr, ad = trainer.transformer, trainer.adapter
+    lora = [p for n, p in tr.named_parameters() if "lora_" in n]
+    base = [p for n, p in tr.named_parameters() if "lora_" not in n]
+    params = list(tr.parameters()) + list(tr.buffers()) + list(ad.vae.parameters())
+    w = {"transformer_base": nbytes(base), "lora": nbytes(lora), "vae": nbytes(ad.vae.parameters()),
+         "vae_decoder": nbytes(ad.vae.decoder.parameters())}
+    lora_numel = sum(p.numel() for p in lora)
+    # AdamW keeps exp_avg and exp_avg_sq in the parameter dtype; the EMA is fp32; grads are in
+    # the iteration peak (created by backward). Not run on fake tensors (AdamW calls .item()).
+    w["adamw_states"] = 2 * w["lora"]
+    w["ema_fp32"] = 4 * lora_numel
+    w["lora_grads"] = w["lora"]
+    w["resident"] = w["transformer_base"] + w["lora"] + w["vae"] + w["adamw_states"] + w["ema_fp32"]
+    r["weights"] = w
+    r["lora_params"] = lora_numel
+    log(f"[{res}] built in {time.perf_counter() - t0:.1f}s; base {gib(w['transformer_base'])}, "
+        f"LoRA {lora_numel / 1e6:.1f} M params")
+
+    cond = trainer._condition([PROMPT])
+    x1 = ad.noise(1, res, res, generator=torch.Generator().manual_seed(0))
+    v = ad.velocity_fn(cond)
+    sig = trainer.sigmas
+    n_tok = image_tokens(res) + TEXT_TOKENS
+    n_blocks = FLUX_DEV_CONFIG["num_layers"] + FLUX_DEV_CONFIG["num_single_layers"]
+
+    # FLOPs of one forward, with LoRA and without
+    configure(trainer, "leapalign", "lean")
+    with torch.no_grad():
+        f_lora = count_flops(lambda: v(x1, sig[0]))
+        tr.disable_adapters()
+        try:
+            f_base = count_flops(lambda: v(x1, sig[0]))
+        finally:
+            tr.enable_adapters()
+    attn = attention_flops(1, n_tok, 3072, n_blocks)
+    r["flops"] = {"forward_matmul_counted": f_base, "forward_with_attention": f_base + attn,
+                  "forward_lora_with_attention": f_lora + attn, "attention_by_hand": attn,
+                  "rollout_T_forwards": (f_lora + attn) * steps}
+    log(f"[{res}] forward {(f_base + attn) / 1e12:.1f} TFLOP ({f_base / 1e12:.1f} counted), "
+        f"with LoRA {(f_lora + attn) / 1e12:.1f}")
+
+    # one graph-keeping pass: bytes held after its forward, per policy; LoRA and all-trainable
+    x_in = x1.clone()
+    r["pass_held"] = {}
+    for policy in policies:
+        configure(trainer, "leapalign", policy)
+        out = {}
+        for label in ("lora", "all_trainable", "no_lora_all_trainable"):
+            if label != "lora":
+                tr.requires_grad_(True)
+            if label == "no_lora_all_trainable":
+                tr.disable_adapters()
+            try:
+                o, held = held_bytes(lambda: v(x_in, sig[3]), exclude=params)
+                del o
+                gc.collect()
+            finally:
+                if label == "no_lora_all_trainable":
+                    tr.enable_adapters()
+                if label != "lora":
+                    tr.requires_grad_(False)
+                    for p in lora:
+                        p.requires_grad_(True)
+            out[label] = held
+        r["pass_held"][policy] = out
+        log(f"[{res}] pass held {policy}: LoRA {gib(out['lora'])}, all trainable {gib(out['all_trainable'])}, "
+            f"no LoRA all trainable {gib(out['no_lora_all_trainable'])}")
+
+    # VAE decode + reward, forward + backward into the latent, plain and checkpointed
+    r["vae_reward"] = {}
+    vae = ad.vae
+    for label, ck, block_ck in (("plain", False, False), ("checkpointed", True, False),
+                                ("vae_block_ckpt", False, True), ("checkpointed+vae_block_ckpt", True, True)):
+        trainer.cfg.model.checkpoint_reward = ck
+        if block_ck:
+            vae.enable_gradient_checkpointing()
+        rf = trainer.reward_fn([PROMPT])
+        lat = torch.randn_like(x1).requires_grad_(True)
+        try:
+            with PeakLiveBytes() as m:
+                s = rf(lat)
+                fwd_live = m.live
+                s.sum().backward()
+            del s
+        finally:
+            if block_ck:
+                vae.disable_gradient_checkpointing()
+        r["vae_reward"][label] = {"peak": m.peak, "held_after_fwd": fwd_live}
+        log(f"[{res}] VAE decode+reward fwd+bwd {label}: peak {gib(m.peak)}, held after fwd {gib(fwd_live)}")
+    img = torch.rand(1, 3, res, res, dtype=torch.bfloat16, requires_grad=True)
+    with PeakLiveBytes() as m:
+        trainer.reward_model(img, [PROMPT]).sum().backward()
+    r["reward_alone_peak"] = m.peak
+    trainer.cfg.model.checkpoint_reward = True
+
+    # the whole iteration: rollout + passes + leaps + decode + reward + backward
+    r["iteration"] = {}
+    runs = [(p, steps, False) for p in policies]
+    if "full" in policies:  # the next lever: the VAE decoder checkpointed per block (diffusers' own switch)
+        runs.append(("full", steps, True))
+    if t_check and "lean" in policies:
+        runs.append(("lean", t_check, False))
+    for policy, T, vae_ck in runs:
+        configure(trainer, "leapalign", policy, steps=T)
+        if vae_ck:
+            vae.enable_gradient_checkpointing()
+        choices = trainer.method.draw(T, torch.Generator().manual_seed(0), x1)
+        t1 = time.perf_counter()
+        with PeakLiveBytes() as m:
+            out = trainer.method.loss(v, trainer.reward_fn([PROMPT]), x1, trainer.sigmas, **choices)
+            after_fwd = m.live
+            peak_fwd = m.peak
+            out.loss.backward()
+        del out
+        if vae_ck:
+            vae.disable_gradient_checkpointing()
+        gc.collect()
+        grads = nbytes([p.grad for p in lora if p.grad is not None])
+        trainer.optimizer.zero_grad(set_to_none=True)
+        res_ = {"T": T, "k": choices["k"], "j": choices["j"], "activations_peak": m.peak,
+                "peak_during_forward": peak_fwd, "held_after_loss_forward": after_fwd,
+                "lora_grads_created": grads, "whole_iteration_peak": m.peak + w["resident"],
+                "cpu_seconds_fake": time.perf_counter() - t1}
+        key = policy + ("+vae_block_ckpt" if vae_ck else "") + ("" if T == steps else f"@T={T}")
+        r["iteration"][key] = res_
+        log(f"[{res}] iteration {key}: activations peak {gib(m.peak)} (held after loss fwd "
+            f"{gib(after_fwd)}), whole {gib(res_['whole_iteration_peak'])} ({res_['cpu_seconds_fake']:.0f}s)")
+    configure(trainer, "leapalign", "lean", steps=steps)
+    base_peak = r["iteration"].get("baseline", {}).get("whole_iteration_peak")
+    if base_peak:
+        for k, it in r["iteration"].items():
+            it["vs_baseline"] = it["whole_iteration_peak"] / base_peak
+    r["seconds"] = time.perf_counter() - t0
+    return r
+
+
+# ----------------------------------------------------------------------------- GPU: real tensors
+def _cuda_time(fn) -> float:
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / 1e3
+
+
+def _wall_time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def gpu_resolution(res: int, methods, policies, steps: int, t_check: int, iters: int, peak_flops: float,
+                   deadline: float, log, tiny: bool = False, device: str = "cuda", r: dict | None = None,
+                   save=lambda: None) -> dict:
+    r = {} if r is None else r
+    r.update({"res": res, "image_tokens": image_tokens(res), "text_tokens": TEXT_TOKENS, "configs": {}})
+    t0 = time.perf_counter()
+    trainer = build_trainer(res, device, steps, tiny=tiny)
+    tr, ad = trainer.transformer, trainer.adapter
+    lora = [p for n, p in tr.named_parameters() if "lora_" in n]
+    r["weights"] = {"transformer_base": nbytes([p for n, p in tr.named_parameters() if "lora_" not in n]),
+                    "lora": nbytes(lora), "vae": nbytes(ad.vae.parameters())}
+    log(f"[{res}] built in {time.perf_counter() - t0:.1f}s")
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    timer = _cuda_time if cuda else _wall_time
+
+    cond = trainer._condition([PROMPT])
+    x1 = ad.noise(1, res, res, generator=torch.Generator().manual_seed(0), device=trainer.device)
+    # FLOPs of one no-grad forward (on CUDA FlopCounterMode counts SDPA; on CPU add attention)
+    configure(trainer, "leapalign", "lean")
+    with torch.no_grad(), trainer._autocast():
+        f = count_flops(lambda: ad.velocity(x1, trainer.sigmas[0], cond))
+    if not cuda:
+        c = tr.config
+        f += attention_flops(1, x1.shape[1] + cond.prompt_embeds.shape[1],
+                             c.num_attention_heads * c.attention_head_dim, c.num_layers + c.num_single_layers)
+    r["flops_forward"] = f
+    r["rollout_flops"] = f * steps
+
+    def run(method, policy, T):
+        configure(trainer, method, policy, steps=T)
+        out = {"T": T}
+        if method == "leapalign" and T == steps:  # rollout alone (T no-grad forwards), its MFU
+            with torch.no_grad(), trainer._autocast():
+                ad.rollout(x1, trainer.sigmas, cond)  # warm-up
+                sync()
+                t = timer(lambda: ad.rollout(x1, trainer.sigmas, cond))
+            out["rollout_s"] = t
+            out["rollout_mfu"] = f * T / t / peak_flops
+        trainer.step()  # warm-up
+        sync()
+        times, peaks = [], []
+        for _ in range(iters):
+            m = {}
+            times.append(timer(lambda: m.update(trainer.step())))
+            peaks.append(m["peak_mem_bytes"])
+        out.update(step_s=statistics.median(times), step_times=times, peak_bytes=max(peaks),
+                   model_calls=m.get("model_calls"), loss=m.get("loss"))
+        return out
+
+    todo = [(m, p, steps) for m in methods for p in policies]
+    if t_check and "leapalign" in methods:
+        todo += [("leapalign", p, t_check) for p in policies if p == "lean"]
+    for method, policy, T in todo:
+        key = f"{method}/{policy}" + ("" if T == steps else f"@T={T}")
+        if time.perf_counter() > deadline:
+            r["configs"][key] = {"skipped": "time budget spent"}
+            log(f"[{res}] {key}: skipped (time budget)")
+            continue
+        try:
+            out = run(method, policy, T)
+        except torch.OutOfMemoryError as e:
+            out = {"oom": str(e).splitlines()[0]}
+        except Exception as e:  # noqa: BLE001  (record and go on: one config must not sink the run)
+            out = {"error": f"{type(e).__name__}: {e}"[:300]}
+        finally:
+            trainer.optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+        r["configs"][key] = out
+        save()
+        log(f"[{res}] {key}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in out.items() if k != "step_times"))
+    for method in methods:
+        base = r["configs"].get(f"{method}/baseline", {})
+        for key, c in r["configs"].items():
+            if key.startswith(method + "/") and "peak_bytes" in c and "peak_bytes" in base:
+                c["mem_vs_baseline"] = c["peak_bytes"] / base["peak_bytes"]
+                c["time_vs_baseline"] = c["step_s"] / base["step_s"]
+    r["seconds"] = time.perf_counter() - t0
+    del trainer
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return r
+
+
+# ----------------------------------------------------------------------------- reports
+def markdown_cpu(data) -> str:
+    L = [f"# One training iteration at FLUX.1-dev size: memory terms ({data['device_name']})", ""]
+    L += [f"- device: cpu ({data['device_name']}); {data['versions']}",
+          "- FakeTensors (no RAM, no compute): bytes and FLOPs only, no times; LEAPALIGN_BACKEND=triton "
+          "(lean blocks take the Triton ops' fake impls, i.e. what the real kernels save)",
+          f"- FLUX.1-dev transformer (19 double + 38 single, width 3072), bf16, LoRA rank {LORA_RANK} on "
+          "engine LoraConfig.targets, batch 1, 512 text tokens; Flux VAE config; reward ColourReward "
+          "(no parameters, negligible cost)",
+          f"- whole iteration through LeapTrainer's own pieces (method.loss with T={data['steps']}, reward_fn, "
+          "loss.backward()); baseline = diffusers enable_gradient_checkpointing(), policy none, VAE decode + "
+          "reward not checkpointed; none/full/lean run VAE decode + reward checkpointed (engine default)",
+          f"- run: {data['date']}, {data['seconds']:.0f} s", ""]
+    for r in data["results"]:
+        w, fl = r["weights"], r["flops"]
+        L += [f"## {r['res']}x{r['res']} ({r['image_tokens']} image + {r['text_tokens']} text tokens)", "",
+              "| term | bytes |", "|---|---:|",
+              f"| transformer weights (bf16) | {gib(w['transformer_base'])} |",
+              f"| LoRA weights ({r['lora_params'] / 1e6:.1f} M params, bf16) | {gib(w['lora'])} |",
+              f"| AdamW states (2x LoRA, computed) | {gib(w['adamw_states'])} |",
+              f"| EMA fp32 (computed) | {gib(w['ema_fp32'])} |",
+              f"| VAE weights (decoder {gib(w['vae_decoder'])}) | {gib(w['vae'])} |",
+              f"| resident total | {gib(w['resident'])} |"]
+        for label, v in r["vae_reward"].items():
+            L.append(f"| VAE decode + reward fwd+bwd peak, {label} | {gib(v['peak'])} (held after fwd "
+                     f"{gib(v['held_after_fwd'])}) |")
+        L.append(f"| reward alone (ColourReward) fwd+bwd peak | {gib(r['reward_alone_peak'])} |")
+        L += ["", f"FLOPs per forward: {fl['forward_matmul_counted'] / 1e12:.1f} TFLOP matmul counted, "
+                  f"{fl['forward_with_attention'] / 1e12:.1f} with attention (by hand, "
+                  f"{fl['attention_by_hand'] / 1e12:.1f}), {fl['forward_lora_with_attention'] / 1e12:.1f} with "
+                  f"LoRA; rollout of T={data['steps']} forwards {fl['rollout_T_forwards'] / 1e15:.2f} PFLOP", "",
+              "One graph-keeping pass, bytes held after its forward (engine.memory.held_bytes; parameters and "
+              "the output excluded):", "",
+              "| policy | LoRA (this run) | all weights trainable (LoRA layers in place) | no LoRA, all trainable |",
+              "|---|---:|---:|---:|"]
+        for p, v in r["pass_held"].items():
+            L.append(f"| {p} | {gib(v['lora'])} | {gib(v['all_trainable'])} | {gib(v['no_lora_all_trainable'])} |")
+        L += ["", "Whole iteration (leapalign), PeakLiveBytes across loss + backward (activations, LoRA grads), "
+                  "plus resident weights/states:", "",
+              "| policy | T | (k, j) | held after loss fwd | activations peak | whole-iteration peak | vs baseline |",
+              "|---|---:|---|---:|---:|---:|---:|"]
+        for p, it in r["iteration"].items():
+            vb = f"{it['vs_baseline']:.2f}x" if "vs_baseline" in it else "-"
+            L.append(f"| {p.split('@')[0]} | {it['T']} | ({it['k']}, {it['j']}) | {gib(it['held_after_loss_forward'])} | "
+                     f"{gib(it['activations_peak'])} | {gib(it['whole_iteration_peak'])} | {vb} |")
+        L.append("")
+    L += ["## Targets (memory; the time and MFU targets need a GPU)", "",
+          "| res | target | value | result |", "|---|---|---:|---|"]
+    for r in data["results"]:
+        it = r["iteration"]
+        for p in ("none", "full", "lean", "full+vae_block_ckpt"):
+            if p in it and "vs_baseline" in it[p]:
+                v = it[p]["vs_baseline"]
+                L.append(f"| {r['res']} | leapalign/{p} peak <= {TARGETS['mem_ratio_max']}x baseline | {v:.2f} | "
+                         f"{'pass' if v <= TARGETS['mem_ratio_max'] else 'FAIL'} |")
+        if "baseline" in it:
+            floor = r["weights"]["resident"] / it["baseline"]["whole_iteration_peak"]
+            L.append(f"| {r['res']} | (floor) resident weights + LoRA + AdamW + EMA alone vs baseline peak | "
+                     f"{floor:.2f} | {'reachable' if floor <= TARGETS['mem_ratio_max'] else 'target below the floor'} |")
+        t10 = [k for k in it if k.startswith("lean@")]
+        if t10 and "lean" in it:
+            a, b = it[t10[0]]["activations_peak"], it["lean"]["activations_peak"]
+            L.append(f"| {r['res']} | peak does not grow with T (lean, {t10[0].split('=')[1]} vs {it['lean']['T']}) | "
+                     f"{gib(a)} vs {gib(b)} | {'pass' if b <= a * 1.01 else 'FAIL'} |")
+    L += ["", "Not measured here: times, MFU, the AdamW step and EMA update (computed bytes), the other methods "
+              "(GPU run), a learned reward model's bytes."]
+    return "\n".join(L) + "\n"
+
+
+def markdown_gpu(data) -> str:
+    L = [f"# One training iteration at {'tiny' if data.get('tiny') else 'FLUX.1-dev'} size ({data['device_name']})", "",
+         f"- device: {data['device']} ({data['device_name']}); {data['versions']}",
+         f"- T={data['steps']}, LoRA rank {LORA_RANK}, batch 1, bf16 autocast; {data['iters']} timed iterations "
+         f"after 1 warm-up (median); peak = max_memory_allocated; MFU vs {data['peak_flops'] / 1e12:.0f} TFLOP/s",
+         "- baseline = diffusers enable_gradient_checkpointing(), policy none, VAE decode + reward not checkpointed",
+         f"- run: {data['date']}, {data['seconds']:.0f} s", ""]
+    for r in data["results"]:
+        L += [f"## {r['res']}x{r['res']}", "",
+              f"forward {r['flops_forward'] / 1e12:.1f} TFLOP; rollout {r['rollout_flops'] / 1e15:.2f} PFLOP; "
+              f"weights {gib(r['weights']['transformer_base'])} + LoRA {gib(r['weights']['lora'])} + VAE "
+              f"{gib(r['weights']['vae'])}", "",
+              "| method/policy | T | s/iter | peak | mem vs baseline | time vs baseline | rollout s | rollout MFU |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for key, c in r["configs"].items():
+            if "step_s" not in c:
+                L.append(f"| {key} | | {c.get('oom') and 'OOM' or c.get('skipped') or c.get('error', '')} | | | | | |")
+                continue
+            f = lambda k, fmt: fmt.format(c[k]) if k in c else "-"  # noqa: E731
+            L.append(f"| {key} | {c['T']} | {c['step_s']:.2f} | {gib(c['peak_bytes'])} | {f('mem_vs_baseline', '{:.2f}x')} | "
+                     f"{f('time_vs_baseline', '{:.2f}x')} | {f('rollout_s', '{:.2f}')} | {f('rollout_mfu', '{:.1%}')} |")
+        L.append("")
+    return "\n".join(L) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--res", type=int, nargs="+", default=[512, 1024])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    ap.add_argument("--steps", type=int, default=25, help="T, rollout steps")
+    ap.add_argument("--t-check", type=int, default=10, help="also run leapalign/lean at this T (0: skip)")
+    ap.add_argument("--iters", type=int, default=2, help="GPU: timed iterations after one warm-up")
+    ap.add_argument("--peak-flops", type=float, default=790e12, help="bf16 dense peak for MFU")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="GPU: start no new config once a resolution has used its share of this many seconds")
+    ap.add_argument("--real", action="store_true", help="CPU: run the GPU code path on real tensors (use with --tiny)")
+    ap.add_argument("--tiny", action="store_true", help="the tiny model (engine.flux.tiny): a smoke test of the real path")
+    ap.add_argument("--name", default=None, help="output stem (default step_<device>)")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("LEAPALIGN_BACKEND", "triton" if a.device == "cuda" or not (a.real or a.tiny) else "torch")
+    t0 = time.perf_counter()
+    import diffusers
+    import triton
+    data = {"device": a.device, "device_name": device_name(a.device), "steps": a.steps, "iters": a.iters,
+            "peak_flops": a.peak_flops, "tiny": a.tiny, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": f"torch {torch.__version__}, triton {triton.__version__}, diffusers {diffusers.__version__}",
+            "backend_env": os.environ.get("LEAPALIGN_BACKEND"), "targets": TARGETS, "results": []}
+    stem = a.name or f"step_{a.device}" + ("_tiny" if a.tiny else "")
+    log = lambda s: print(f"[{time.perf_counter() - t0:6.1f}s] {s}", flush=True)  # noqa: E731
+    fake = a.device == "cpu" and not (a.real or a.tiny)
+    def save():  # after every resolution (and, on GPU, every config): a timeout leaves what ran
+        data["seconds"] = time.perf_counter() - t0
+        (out / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
+        try:
+            (out / f"{stem}.md").write_text((markdown_cpu if fake else markdown_gpu)(data))
+        except (KeyError, TypeError):  # a resolution still half-way: the JSON has it
+            pass
+
+    for res in a.res:
+        if fake:
+            data["results"].append(cpu_resolution(res, a.policies, a.steps, a.t_check, log))
+        else:
+            r: dict = {}
+            data["results"].append(r)
+            deadline = time.perf_counter() + a.budget_s / len(a.res)  # each resolution its share
+            gpu_resolution(res, a.methods, a.policies, a.steps, a.t_check, a.iters, a.peak_flops, deadline, log,
+                           tiny=a.tiny, device=a.device, r=r, save=save)
+        save()
+    log(f"wrote {out / stem}.json/.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
