@@ -38,6 +38,8 @@ setup(
     version="0.1.0",
     description="Kernel-optimised LeapAlign reward fine-tuning for Flux rectified-flow models",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
+    # the pretrained world model (engine/world/model.py): diffusers folders, log and samples
+    package_data={"engine.world": ["weights/**/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
