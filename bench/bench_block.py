@@ -91,7 +91,8 @@ import torch  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from bench.measure import GiB, PeakLiveBytes, SavedBytes, attention_flops  # noqa: E402
+from bench.measure import GiB, PeakLiveBytes, SavedBytes, attention_flops, device_name  # noqa: E402
+from engine.memory import _storage_key  # noqa: E402
 
 POLICIES = ("none", "full", "lean", "ckpt")
 RECOMPUTES = {"none": False, "lean": False, "full": True, "ckpt": True}
@@ -102,25 +103,6 @@ TARGETS = dict(lean_saved_max=0.40, lean_time_max=1.05, lean_vs_full_time_max=0.
 
 
 # ----------------------------------------------------------------------------- helpers
-def _storage_key(t: torch.Tensor):
-    try:
-        return t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return None
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
-
-
 def _grid(tokens: int) -> tuple[int, int]:
     """A packed-latent h x w with h*w == tokens, as square as possible."""
     h = int(tokens ** 0.5)

@@ -61,7 +61,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -74,7 +73,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.measure import FLUX_DEV_CONFIG, GiB, PeakLiveBytes, attention_flops, count_flops  # noqa: E402
+from bench.measure import FLUX_DEV_CONFIG, GiB, PeakLiveBytes, attention_flops, count_flops, device_name  # noqa: E402
 
 METHODS = ("leapalign", "refl", "draft-lv", "drtune", "full")
 POLICIES = ("none", "full", "lean", "baseline")
@@ -90,18 +89,6 @@ FLUX_VAE_CONFIG = dict(
 )
 TARGETS = dict(mem_ratio_max=0.7, time_ratio_max=0.85, rollout_mfu_min_1024=0.60)
 PROMPT = "a red square"
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 def gib(b) -> str:

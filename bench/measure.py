@@ -5,6 +5,9 @@ a GPU" describes.
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -17,6 +20,19 @@ FLUX_DEV_CONFIG = dict(
     attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
     pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56],
 )
+
+
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU model with its core count, for result files."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
 
 
 def attention_flops(batch: int, tokens: int, width: int, blocks: int, backward: bool = False) -> int:

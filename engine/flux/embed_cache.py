@@ -19,14 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from engine.checkpoint import save_atomic
 
 __all__ = ["CachedTextEncoder", "precompute", "encoder_identity", "pipeline_encoder_id", "cache_key"]
 
@@ -129,21 +129,10 @@ class CachedTextEncoder:
 
     def _write(self, prompt: str, pe: torch.Tensor, pooled: torch.Tensor) -> None:
         path = self.path(prompt)
-        path.parent.mkdir(parents=True, exist_ok=True)
         pe, pooled = pe.detach().cpu().contiguous(), pooled.detach().cpu().contiguous()
         meta = {"format": FORMAT, "encoder_id": self.encoder_id, "prompt": prompt,
                 "key": path.stem, "sha256": _digest(pe, pooled)}
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"prompt_embeds": pe, "pooled": pooled}, tmp, metadata=meta)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        save_atomic(path, {"prompt_embeds": pe, "pooled": pooled}, meta)
 
     # ------------------------------------------------------------------ API
     def encode(self, prompts: list[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
