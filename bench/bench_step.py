@@ -215,7 +215,14 @@ def configure(trainer, method: str, policy: str, steps: int | None = None):
     trainer.policy = trainer._apply_policy()
     if policy == "baseline":
         tr.enable_gradient_checkpointing()
+    # the engine's checkpoint_reward = the VAE decoder checkpointed per block (set at trainer
+    # construction, so it is switched here by hand); the baseline runs the decoder plainly
     trainer.cfg.model.checkpoint_reward = policy != "baseline"
+    if trainer.adapter.vae is not None:
+        if trainer.cfg.model.checkpoint_reward:
+            trainer.adapter.vae.enable_gradient_checkpointing()
+        else:
+            trainer.adapter.vae.disable_gradient_checkpointing()
     trainer.method = make_method(method)
     trainer.cfg.method.name = method
     if steps is not None and steps != trainer.cfg.num_steps:
@@ -306,14 +313,15 @@ def cpu_resolution(res: int, policies, steps: int, t_check: int, log) -> dict:
         log(f"[{res}] pass held {policy}: LoRA {gib(out['lora'])}, all trainable {gib(out['all_trainable'])}, "
             f"no LoRA all trainable {gib(out['no_lora_all_trainable'])}")
 
-    # VAE decode + reward, forward + backward into the latent, plain and checkpointed
+    # VAE decode + reward, forward + backward into the latent, plain and with the decoder
+    # checkpointed per block (the engine's model.checkpoint_reward)
     r["vae_reward"] = {}
     vae = ad.vae
-    for label, ck, block_ck in (("plain", False, False), ("checkpointed", True, False),
-                                ("vae_block_ckpt", False, True), ("checkpointed+vae_block_ckpt", True, True)):
-        trainer.cfg.model.checkpoint_reward = ck
+    for label, block_ck in (("plain", False), ("vae_block_ckpt", True)):
         if block_ck:
             vae.enable_gradient_checkpointing()
+        else:
+            vae.disable_gradient_checkpointing()
         rf = trainer.reward_fn([PROMPT])
         lat = torch.randn_like(x1).requires_grad_(True)
         try:
@@ -323,8 +331,7 @@ def cpu_resolution(res: int, policies, steps: int, t_check: int, log) -> dict:
                 s.sum().backward()
             del s
         finally:
-            if block_ck:
-                vae.disable_gradient_checkpointing()
+            vae.enable_gradient_checkpointing()   # the engine default
         r["vae_reward"][label] = {"peak": m.peak, "held_after_fwd": fwd_live}
         log(f"[{res}] VAE decode+reward fwd+bwd {label}: peak {gib(m.peak)}, held after fwd {gib(fwd_live)}")
     img = torch.rand(1, 3, res, res, dtype=torch.bfloat16, requires_grad=True)
@@ -335,15 +342,11 @@ def cpu_resolution(res: int, policies, steps: int, t_check: int, log) -> dict:
 
     # the whole iteration: rollout + passes + leaps + decode + reward + backward
     r["iteration"] = {}
-    runs = [(p, steps, False) for p in policies]
-    if "full" in policies:  # the next lever: the VAE decoder checkpointed per block (diffusers' own switch)
-        runs.append(("full", steps, True))
+    runs = [(p, steps) for p in policies]
     if t_check and "lean" in policies:
-        runs.append(("lean", t_check, False))
-    for policy, T, vae_ck in runs:
+        runs.append(("lean", t_check))
+    for policy, T in runs:
         configure(trainer, "leapalign", policy, steps=T)
-        if vae_ck:
-            vae.enable_gradient_checkpointing()
         choices = trainer.method.draw(T, torch.Generator().manual_seed(0), x1)
         t1 = time.perf_counter()
         with PeakLiveBytes() as m:
@@ -352,8 +355,6 @@ def cpu_resolution(res: int, policies, steps: int, t_check: int, log) -> dict:
             peak_fwd = m.peak
             out.loss.backward()
         del out
-        if vae_ck:
-            vae.disable_gradient_checkpointing()
         gc.collect()
         grads = nbytes([p.grad for p in lora if p.grad is not None])
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -361,7 +362,7 @@ def cpu_resolution(res: int, policies, steps: int, t_check: int, log) -> dict:
                 "peak_during_forward": peak_fwd, "held_after_loss_forward": after_fwd,
                 "lora_grads_created": grads, "whole_iteration_peak": m.peak + w["resident"],
                 "cpu_seconds_fake": time.perf_counter() - t1}
-        key = policy + ("+vae_block_ckpt" if vae_ck else "") + ("" if T == steps else f"@T={T}")
+        key = policy + ("" if T == steps else f"@T={T}")
         r["iteration"][key] = res_
         log(f"[{res}] iteration {key}: activations peak {gib(m.peak)} (held after loss fwd "
             f"{gib(after_fwd)}), whole {gib(res_['whole_iteration_peak'])} ({res_['cpu_seconds_fake']:.0f}s)")
@@ -528,7 +529,7 @@ def markdown_cpu(data) -> str:
           "| res | target | value | result |", "|---|---|---:|---|"]
     for r in data["results"]:
         it = r["iteration"]
-        for p in ("none", "full", "lean", "full+vae_block_ckpt"):
+        for p in ("none", "full", "lean"):
             if p in it and "vs_baseline" in it[p]:
                 v = it[p]["vs_baseline"]
                 L.append(f"| {r['res']} | leapalign/{p} peak <= {TARGETS['mem_ratio_max']}x baseline | {v:.2f} | "
