@@ -80,7 +80,6 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-import weakref  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,26 +254,11 @@ class _Peak(PeakLiveBytes):
         self._shapes = param_shapes
         self.act_live = self.act_peak = 0
 
-    def _track(self, t, new: bool):
-        if not isinstance(t, torch.Tensor):
-            return
-        st = _storage_key(t)
-        if st is None or st in self._known:
-            return
-        self._known[st] = True
-        if new:
-            n, act = st.nbytes(), tuple(t.shape) not in self._shapes
-            self.live += n
-            self.peak = max(self.peak, self.live)
-            if act:
-                self.act_live += n
-                self.act_peak = max(self.act_peak, self.act_live)
-            weakref.finalize(st, self._free2, n, act)
-
-    def _free2(self, n, act):
-        self.live -= n
-        if act:
-            self.act_live -= n
+    def _account(self, shape: tuple, n: int) -> None:
+        super()._account(shape, n)
+        if shape not in self._shapes:
+            self.act_live += n
+            self.act_peak = max(self.act_peak, self.act_live)
 
 
 # ----------------------------------------------------------------------------- one policy

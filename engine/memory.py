@@ -71,13 +71,15 @@ class PeakLiveBytes(TorchDispatchMode):
             return
         self._known[st] = True
         if new:
-            n = st.nbytes()
-            self.live += n
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(st, self._free, n)
+            shape, n = tuple(t.shape), st.nbytes()
+            self._account(shape, n)
+            weakref.finalize(st, self._account, shape, -n)
 
-    def _free(self, n):
-        self.live -= n
+    def _account(self, shape: tuple, n: int) -> None:
+        """A storage of ``shape`` appeared (n > 0) or was freed (n < 0); subclasses may split the
+        count by shape."""
+        self.live += n
+        self.peak = max(self.peak, self.live)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
