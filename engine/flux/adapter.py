@@ -208,20 +208,158 @@ class FluxAdapter:
 
     @classmethod
     def from_pretrained(cls, path, torch_dtype: torch.dtype = torch.float32, device="cpu",
-                        guidance_scale: float = 3.5, load_vae: bool = True) -> "FluxAdapter":
-        """Load a LOCAL diffusers folder (path/transformer, path/vae). Never contacts a hub."""
+                        guidance_scale: float = 3.5, load_vae: bool = True,
+                        transformer_file: str | None = None) -> "FluxAdapter":
+        """Load a LOCAL diffusers folder (path/transformer, path/vae). Never contacts a hub.
+
+        With `transformer_file` the transformer weights come from that one file instead (BFL's
+        original `flux1-dev.safetensors` layout or a diffusers-format state dict); the folder then
+        only has to provide `transformer/config.json` (and the VAE).
+        """
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"missing model folder: {path}")
-        cls._check_folder(os.path.join(path, "transformer"))
         if load_vae:
             cls._check_folder(os.path.join(path, "vae"))
-        transformer = FluxTransformer2DModel.from_pretrained(
-            path, subfolder="transformer", torch_dtype=torch_dtype, local_files_only=True
-        ).to(device)
+        if transformer_file:
+            transformer = load_transformer_file(transformer_file, path, torch_dtype)
+        else:
+            cls._check_folder(os.path.join(path, "transformer"))
+            transformer = FluxTransformer2DModel.from_pretrained(
+                path, subfolder="transformer", torch_dtype=torch_dtype, local_files_only=True
+            )
+        transformer = transformer.to(device)
         vae = None
         if load_vae:
             vae = AutoencoderKL.from_pretrained(
                 path, subfolder="vae", torch_dtype=torch_dtype, local_files_only=True
             ).to(device)
         return cls(transformer, vae, guidance_scale=guidance_scale)
+
+
+# ---------------------------------------------------------------------- single-file checkpoints
+# BFL's original module names -> diffusers' (parameter suffix kept; BFL's RMSNorm `scale` is
+# diffusers' `weight`). diffusers' own convert_flux_transformer_checkpoint_to_diffusers hard-codes
+# FLUX.1's width (3072) when it splits the single blocks' fused linear1, so it cannot load any
+# other width (our tiny model included); this table takes the widths from the config instead.
+_BFL_TOP = {
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "txt_in": "context_embedder",
+    "img_in": "x_embedder",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",  # (shift, scale) -> (scale, shift)
+}
+_BFL_DOUBLE = {
+    "img_mod.lin": "norm1.linear",
+    "txt_mod.lin": "norm1_context.linear",
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn.norm.query_norm": "attn.norm_q",
+    "img_attn.norm.key_norm": "attn.norm_k",
+    "txt_attn.norm.query_norm": "attn.norm_added_q",
+    "txt_attn.norm.key_norm": "attn.norm_added_k",
+    "img_attn.proj": "attn.to_out.0",
+    "txt_attn.proj": "attn.to_add_out",
+    "img_mlp.0": "ff.net.0.proj",
+    "img_mlp.2": "ff.net.2",
+    "txt_mlp.0": "ff_context.net.0.proj",
+    "txt_mlp.2": "ff_context.net.2",
+}
+_BFL_SINGLE = {
+    "modulation.lin": "norm.linear",
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),  # rows: inner x3, then the MLP
+    "norm.query_norm": "attn.norm_q",
+    "norm.key_norm": "attn.norm_k",
+    "linear2": "proj_out",
+}
+_BFL_BLOCKS = {"double_blocks": ("transformer_blocks", _BFL_DOUBLE),
+               "single_blocks": ("single_transformer_blocks", _BFL_SINGLE)}
+# ComfyUI-style all-in-one checkpoints keep the transformer under this prefix next to VAE/encoders
+_BFL_PREFIX = "model.diffusion_model."
+
+
+def is_bfl_state_dict(state_dict: dict) -> bool:
+    return any(k.startswith(("double_blocks.", "single_blocks.", _BFL_PREFIX)) for k in state_dict)
+
+
+def bfl_to_diffusers(state_dict: dict, config) -> dict:
+    """BFL-layout Flux transformer state dict -> diffusers FluxTransformer2DModel keys.
+
+    Keys it does not know keep their BFL name, so the caller's key check reports them instead of
+    loading a file whose extra tensors (fp8 scales, merged LoRA deltas) would be quietly ignored.
+    """
+    if any(k.startswith(_BFL_PREFIX) for k in state_dict):
+        state_dict = {k[len(_BFL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(_BFL_PREFIX)}
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    out = {}
+    for key, t in state_dict.items():
+        module, _, param = key.rpartition(".")
+        param = "weight" if param == "scale" else param
+        block, _, rest = module.partition(".")
+        index, _, name = rest.partition(".")
+        if block in _BFL_BLOCKS and index.isdigit():
+            block, table = _BFL_BLOCKS[block]
+            prefix, target = f"{block}.{index}.", table.get(name)
+        else:
+            prefix, target = "", _BFL_TOP.get(module)
+        if target is None:
+            out[key] = t
+        elif isinstance(target, tuple):
+            # fused projections stack q, k, v (and the single blocks' MLP input) along the rows
+            sizes = [inner] * 3 + ([t.shape[0] - 3 * inner] if len(target) == 4 else [])
+            if sum(sizes) != t.shape[0] or min(sizes) <= 0:
+                out[key] = t  # a width the config does not have: reported by the shape check
+                continue
+            for name, part in zip(target, torch.split(t, sizes, dim=0)):
+                out[f"{prefix}{name}.{param}"] = part
+        else:
+            if module == "final_layer.adaLN_modulation.1":
+                shift, scale = t.chunk(2, dim=0)
+                t = torch.cat([scale, shift], dim=0)
+            out[f"{prefix}{target}.{param}"] = t
+    return out
+
+
+def _check_state_dict(state_dict: dict, expected: dict, file: str, config_file: str) -> None:
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs config {tuple(v.shape)}"
+              for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"{n} {what} (e.g. {', '.join(items[:3])})"
+                 for n, what, items in ((len(missing), "missing keys", missing),
+                                        (len(unexpected), "unexpected keys", unexpected),
+                                        (len(shapes), "shape mismatches", shapes)) if n]
+        raise ValueError(f"{file} is not a Flux transformer checkpoint for {config_file}: " + "; ".join(parts))
+
+
+def load_transformer_file(file, folder, torch_dtype: torch.dtype = torch.float32) -> FluxTransformer2DModel:
+    """A FluxTransformer2DModel from one weights file, shaped by folder/transformer/config.json."""
+    from diffusers.loaders.single_file_utils import load_single_file_checkpoint
+
+    file, folder = os.fspath(file), os.fspath(folder)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"missing transformer weights file: {file}")
+    config_file = os.path.join(folder, "transformer", "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"missing config file: {config_file}")
+    config = FluxTransformer2DModel.load_config(folder, subfolder="transformer", local_files_only=True)
+    try:
+        state_dict = load_single_file_checkpoint(file, local_files_only=True)
+    except Exception as e:  # a truncated or non-weights file: say which one
+        raise ValueError(f"could not read weights from {file}: {e}") from e
+    if is_bfl_state_dict(state_dict):
+        state_dict = bfl_to_diffusers(state_dict, config)
+    with torch.device("meta"):
+        expected = FluxTransformer2DModel.from_config(config).state_dict()
+    _check_state_dict(state_dict, expected, file, config_file)
+    # the keys now match the model exactly, so from_single_file loads them as they are; `config`
+    # is the local folder, which keeps it from looking the architecture up on a hub
+    return FluxTransformer2DModel.from_single_file(
+        state_dict, config=folder, subfolder="transformer", torch_dtype=torch_dtype, local_files_only=True
+    )
