@@ -9,12 +9,14 @@ from engine.rewards.base import ImageReward
 from engine.rewards.clip import CLIPScoreReward
 from engine.rewards.colour import ColourReward
 from engine.rewards.hps import HPSv21Reward
+from engine.rewards.hpsv3 import HPSv3Reward
 from engine.rewards.mix import MixReward
 from engine.rewards.pickscore import PickScoreReward
 
 REWARDS = {
     "colour": ColourReward,
     "hpsv21": HPSv21Reward,
+    "hpsv3": HPSv3Reward,
     "pickscore": PickScoreReward,
     "clip": CLIPScoreReward,
     "mix": MixReward,
@@ -27,5 +29,4 @@ def build_reward(name: str, **params) -> ImageReward:
     return REWARDS[name](**params).requires_grad_(False).eval()
 
 
-__all__ = ["ImageReward", "ColourReward", "HPSv21Reward", "PickScoreReward", "CLIPScoreReward", "MixReward",
-           "REWARDS", "build_reward"]
+__all__ = ["ImageReward", "ColourReward", "HPSv21Reward", "HPSv3Reward", "PickScoreReward", "CLIPScoreReward",
