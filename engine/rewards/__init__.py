@@ -12,6 +12,7 @@ from engine.rewards.hps import HPSv21Reward
 from engine.rewards.hpsv3 import HPSv3Reward
 from engine.rewards.mix import MixReward
 from engine.rewards.pickscore import PickScoreReward
+from engine.rewards.world import WorldReward
 
 REWARDS = {
     "colour": ColourReward,
@@ -20,6 +21,7 @@ REWARDS = {
     "pickscore": PickScoreReward,
     "clip": CLIPScoreReward,
     "mix": MixReward,
+    "world": WorldReward,   # the small world's learned reward (engine/world/reward.py)
 }
 
 
@@ -30,3 +32,4 @@ def build_reward(name: str, **params) -> ImageReward:
 
 
 __all__ = ["ImageReward", "ColourReward", "HPSv21Reward", "HPSv3Reward", "PickScoreReward", "CLIPScoreReward",
+           "MixReward", "WorldReward", "REWARDS", "build_reward"]
