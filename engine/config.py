@@ -14,7 +14,12 @@ import yaml
 
 @dataclass
 class ModelConfig:
-    source: str = "tiny"              # "tiny" (embedded, built from seed) or a local diffusers folder
+    # "tiny" (random, built from seed), "world" (the shipped pretrained world model,
+    # engine/world/model.py, with its MiniLM text encoder) or a local diffusers folder
+    source: str = "tiny"
+    # one-file transformer weights (BFL's flux1-dev.safetensors or diffusers layout) used instead
+    # of source/transformer's; source still gives transformer/config.json, the VAE and encoders
+    transformer_file: str = ""
     seed: int = 0                     # weights seed of the tiny model
     dtype: str = "float32"            # weight dtype: float32 | bfloat16
     guidance_scale: float = 3.5       # Flux-dev's distilled guidance embedding
@@ -68,7 +73,9 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     prompts: list = field(default_factory=lambda: ["a red square"])
     eval_prompts: list = field(default_factory=list)   # empty: the test split, else the training prompts
-    prompt_file: str = ""             # .txt (one per line, # comments) or HPDv2 .json; replaces prompts
+    # .txt (one per line, # comments) or HPDv2 .json, or "world" (the world's train / test split);
+    # replaces prompts
+    prompt_file: str = ""
     test_fraction: float = 0.0        # share of prompt_file held out as eval prompts (seeded split)
     embed_cache_dir: str = ""         # on-disk prompt-embedding cache (engine/flux/embed_cache.py)
     steps: int = 100
@@ -79,6 +86,10 @@ class TrainConfig:
     output_dir: str = "runs/default"
     checkpoint_every: int = 0         # 0: only at the end
     samples: int = 4                  # images per grid
+    eval_size: int = 0                # eval prompts scored before / after (0: the grid's `samples`)
+    judge: bool = False               # also score eval samples with the world's judge (world prompts)
+    # more rewards to score eval samples with, each {name: ..., params: {...}} like `reward`
+    eval_rewards: list = field(default_factory=list)
 
     def validate(self) -> "TrainConfig":
         if self.num_steps < 2:
@@ -90,6 +101,14 @@ class TrainConfig:
             raise ValueError("prompts must not be empty")
         if not 0.0 <= self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must lie in [0, 1), got {self.test_fraction}")
+        if self.model.transformer_file and self.model.source in ("tiny", "world"):
+            raise ValueError("model.transformer_file needs model.source to be a local diffusers folder "
+                             "(for transformer/config.json, the VAE and the text encoders)")
+        if self.eval_size < 0:
+            raise ValueError(f"eval_size must be >= 0, got {self.eval_size}")
+        for i, r in enumerate(self.eval_rewards):
+            if not isinstance(r, dict) or "name" not in r or set(r) - {"name", "params"}:
+                raise ValueError(f"eval_rewards[{i}] must be a mapping with 'name' and optional 'params', got {r!r}")
         if self.test_fraction > 0 and not self.prompt_file:
             raise ValueError("test_fraction splits prompt_file, but prompt_file is not set")
         if self.model.dtype not in ("float32", "bfloat16"):

@@ -52,3 +52,17 @@ def plot_reward_curve(log_path: str | Path, png_path: str | Path, window: int = 
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)
+
+
+def write_eval_table(metrics: dict, path: str | Path, what: str) -> None:
+    """LeapTrainer.evaluate's metrics as a markdown table (scores, then the judge per kind)."""
+    lines = [f"# Evaluation of {what}", "", f"{metrics['n']} prompts, fixed noise.", "",
+             "| score | mean |", "|---|---|"]
+    for k, v in metrics.items():
+        if isinstance(v, float):
+            lines.append(f"| {k} | {v:.4f} |")
+    if "judge_by_kind" in metrics:
+        lines += ["", "| prompt kind | n | judge score | judge accuracy |", "|---|---|---|---|"]
+        for kind, row in metrics["judge_by_kind"].items():
+            lines.append(f"| {kind} | {row['n']} | {row['score']:.4f} | {row['accuracy']:.4f} |")
+    Path(path).write_text("\n".join(lines) + "\n")

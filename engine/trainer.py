@@ -60,11 +60,21 @@ class LeapTrainer:
         if adapter is None:
             if m.source == "tiny":
                 adapter = build_tiny_flux(m.seed, dtype, self.device, m.guidance_scale)
+            elif m.source == "world":
+                from engine.world.model import load_world_flux
+
+                adapter = load_world_flux(self.device, dtype, m.guidance_scale)
             else:
-                adapter = FluxAdapter.from_pretrained(m.source, dtype, self.device, m.guidance_scale)
+                adapter = FluxAdapter.from_pretrained(m.source, dtype, self.device, m.guidance_scale,
+                                                      transformer_file=m.transformer_file or None)
         self.adapter = adapter
         # training prompts and the held-out ones (prompt_file, when set, replaces cfg.prompts)
-        if cfg.prompt_file:
+        if cfg.prompt_file == "world":
+            from engine.world.prompts import split
+
+            world = split()
+            self.prompts, self.test_prompts = list(world.train), list(world.test)
+        elif cfg.prompt_file:
             self.prompts, self.test_prompts = load_prompt_split(cfg.prompt_file, cfg.test_fraction, cfg.seed)
         else:
             self.prompts, self.test_prompts = list(cfg.prompts), []
@@ -73,6 +83,10 @@ class LeapTrainer:
             tc = adapter.transformer.config
             if m.source == "tiny":
                 text_encoder = HashTextEncoder(tc.joint_attention_dim, tc.pooled_projection_dim, seed=m.seed)
+            elif m.source == "world":
+                from engine.world.text import MiniLMTextEncoder
+
+                text_encoder = MiniLMTextEncoder(device=self.device)
             elif cfg.embed_cache_dir:   # built only on a cache miss, dropped after the precompute
                 text_encoder = functools.partial(PipelineTextEncoder, m.source, dtype, self.device)
                 encoder_id = pipeline_encoder_id(m.source, 512, dtype)
@@ -86,6 +100,8 @@ class LeapTrainer:
         self.text_encoder = text_encoder
         reward = reward if reward is not None else build_reward(cfg.reward.name, **cfg.reward.params)
         self.reward_model = reward.requires_grad_(False).eval().to(self.device)
+        self.eval_rewards = {f"reward_{r['name']}": build_reward(r["name"], **r.get("params", {})).to(self.device)
+                             for r in cfg.eval_rewards}
         if m.checkpoint_reward and adapter.vae is not None:
             # Per-block recomputation of the frozen decoder: its backward then holds one block's
             # activations at a time, not the whole decoder's (11.4 -> 6.1 GiB at 1024^2 for
@@ -242,8 +258,47 @@ class LeapTrainer:
         return images, rewards
 
     def eval_prompts(self) -> list[str]:
+        """The fixed evaluation prompts: ``eval_size`` (else ``samples``) of the eval prompts, the
+        test split or the training prompts, in that order of preference. A longer list is
+        subsampled with a fixed seed (not the run's), so that every run scores the same set."""
         base = self.cfg.eval_prompts or self.test_prompts or self.prompts
-        return [base[i % len(base)] for i in range(self.cfg.samples)]
+        n = self.cfg.eval_size or self.cfg.samples
+        if n < len(base):
+            import random
+
+            order = list(range(len(base)))
+            random.Random(0).shuffle(order)
+            base = [base[i] for i in sorted(order[:n])]
+        return [base[i % len(base)] for i in range(n)]
+
+    @torch.no_grad()
+    def evaluate(self, prompts: list[str] | None = None, seed: int = 1234, ema: bool = False,
+                 batch: int = 64) -> tuple[dict, torch.Tensor]:
+        """Sample ``prompts`` (the eval prompts by default) from fixed noise and score them with the
+        training reward, every ``eval_rewards`` entry and, with ``judge``, the world's judge.
+        -> (metrics, images); images in [0, 1] on the CPU."""
+        prompts = self.eval_prompts() if prompts is None else list(prompts)
+        scorers = {"reward": self.reward_model, **self.eval_rewards}
+        scores = {k: [] for k in scorers}
+        images = []
+        with self.ema_weights() if ema else contextlib.nullcontext():
+            for i in range(0, len(prompts), batch):
+                chunk = prompts[i:i + batch]
+                img, r = self.sample(chunk, seed=seed + i)
+                scores["reward"].append(r.cpu())
+                for k, fn in scorers.items():
+                    if k != "reward":
+                        scores[k].append(fn(img, chunk).float().cpu())
+                images.append(img.cpu())
+        images = torch.cat(images)
+        metrics = {k: float(torch.cat(v).mean()) for k, v in scores.items()}
+        if self.cfg.judge:
+            from engine.world.judge import by_kind, judge
+
+            res = judge(images, prompts)
+            metrics.update(judge=res.mean(), judge_accuracy=res.accuracy(), judge_by_kind=by_kind(res, prompts))
+        metrics["n"] = len(prompts)
+        return metrics, images
 
     # ------------------------------------------------------------------ checkpoints
     def _model_config(self) -> dict:
@@ -317,12 +372,12 @@ class LeapTrainer:
         if resume is not None:
             self.load_checkpoint(resume)
         total = steps if steps is not None else cfg.steps
-        prompts = self.eval_prompts()
         summary = {}
         if self.step_count == 0:
-            images, r = self.sample(prompts)
-            save_grid(images, out / "samples_before.png")
-            summary["eval_reward_before"] = float(r.mean())
+            before, images = self.evaluate()
+            save_grid(images[: cfg.samples], out / "samples_before.png")
+            summary["eval_before"] = before
+            summary["eval_reward_before"] = before["reward"]
         log_path = out / "metrics.jsonl"
         with open(log_path, "a") as log, tqdm(total=total, initial=self.step_count, desc="train", dynamic_ncols=True) as bar:
             while self.step_count < total:
@@ -334,11 +389,11 @@ class LeapTrainer:
                 if cfg.checkpoint_every and self.step_count % cfg.checkpoint_every == 0:
                     self.save_checkpoint(out / "checkpoint.safetensors")
         self.save_checkpoint(out / "checkpoint.safetensors")
-        images, r = self.sample(prompts)
-        save_grid(images, out / "samples_after.png")
-        summary["eval_reward_after"] = float(r.mean())
-        with self.ema_weights():
-            summary["eval_reward_after_ema"] = float(self.sample(prompts)[1].mean())
+        after, images = self.evaluate()
+        save_grid(images[: cfg.samples], out / "samples_after.png")
+        after_ema, _ = self.evaluate(ema=True)
+        summary.update(eval_after=after, eval_after_ema=after_ema, eval_reward_after=after["reward"],
+                       eval_reward_after_ema=after_ema["reward"])
         plot_reward_curve(log_path, out / "reward_curve.png")
         summary.update(steps=self.step_count, skipped=self.skipped, output_dir=str(out))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
