@@ -44,14 +44,21 @@ the real kernels save). Measured per resolution:
                    adapter.velocity, parameters excluded, its output excluded), per policy, with
                    LoRA (the configured run) and with every weight trainable (design.md's table)
   VAE + reward     PeakLiveBytes over trainer.reward_fn (decode + ColourReward) forward+backward
-                   into the latent, with and without checkpointing; the reward alone on an image
+                   into the latent: plain, diffusers' per-block checkpointing (the engine's current
+                   model.checkpoint_reward), and engine.flux.vae.checkpoint_decoder at each
+                   granularity (exact, frozen ops); with FlopCounterMode's fwd+bwd FLOPs (the extra
+                   over plain is the recompute); the reward alone on an image
   iteration        PeakLiveBytes across the whole trainer.method.loss (T no-grad rollout steps,
                    the two graph-keeping passes, leaps, decode, reward) + loss.backward(), for
                    leapalign with each policy and for the baseline (and T=10 vs T=25 for
-                   leapalign/lean); parameters are pre-existing and not counted, LoRA gradients
+                   leapalign/lean), and each non-baseline policy again with the decoder under
+                   checkpoint_decoder(granularity="auto") instead of diffusers' per-block
+                   checkpointing ("<policy>+vae_auto"); parameters are pre-existing and not counted, LoRA gradients
                    are (they are created by backward). Whole-iteration peak = that + weights
                    (transformer + LoRA + VAE) + AdamW states + fp32 EMA (steady state).
-Writes step_<device>.json and step_<device>.md into --out.
+Writes step_<device>.json and step_<device>.md into --out (or --name). The CPU results were made with
+    python bench/bench_step.py --device cpu --out bench/results --res 512 --name step_cpu_512
+    python bench/bench_step.py --device cpu --out bench/results --res 1024 --name step_cpu_1024
 """
 from __future__ import annotations
 
@@ -203,8 +210,27 @@ def build_trainer(res: int, device: str, steps: int, tiny: bool = False, fake_mo
     return trainer
 
 
-def configure(trainer, method: str, policy: str, steps: int | None = None):
-    """Switch the trainer to a method and a policy (the baseline: diffusers' checkpointing)."""
+VAE_CKPT = ("diffusers", "auto", "resnet", "block")
+
+
+def set_vae_checkpointing(vae, mode: str | None) -> None:
+    """None: plain decoder; "diffusers": vae.enable_gradient_checkpointing() (per block, the
+    engine's model.checkpoint_reward today); "auto" | "resnet" | "block":
+    engine.flux.vae.checkpoint_decoder at that granularity (exact, frozen ops)."""
+    from engine.flux.vae import checkpoint_decoder, uncheckpoint_decoder
+
+    uncheckpoint_decoder(vae)
+    if mode == "diffusers":
+        vae.enable_gradient_checkpointing()
+    else:
+        vae.disable_gradient_checkpointing()
+        if mode is not None:
+            checkpoint_decoder(vae, mode)
+
+
+def configure(trainer, method: str, policy: str, steps: int | None = None, vae_ckpt: str = "diffusers"):
+    """Switch the trainer to a method and a policy (the baseline: diffusers' checkpointing), the
+    VAE decoder checkpointed as ``vae_ckpt`` (see set_vae_checkpointing) unless the baseline."""
     from engine.methods import make_method
     from engine.schedule import flux_sigmas
 
@@ -219,10 +245,7 @@ def configure(trainer, method: str, policy: str, steps: int | None = None):
     # construction, so it is switched here by hand); the baseline runs the decoder plainly
     trainer.cfg.model.checkpoint_reward = policy != "baseline"
     if trainer.adapter.vae is not None:
-        if trainer.cfg.model.checkpoint_reward:
-            trainer.adapter.vae.enable_gradient_checkpointing()
-        else:
-            trainer.adapter.vae.disable_gradient_checkpointing()
+        set_vae_checkpointing(trainer.adapter.vae, vae_ckpt if trainer.cfg.model.checkpoint_reward else None)
     trainer.method = make_method(method)
     trainer.cfg.method.name = method
     if steps is not None and steps != trainer.cfg.num_steps:
@@ -313,27 +336,40 @@ def cpu_resolution(res: int, policies, steps: int, t_check: int, log) -> dict:
         log(f"[{res}] pass held {policy}: LoRA {gib(out['lora'])}, all trainable {gib(out['all_trainable'])}, "
             f"no LoRA all trainable {gib(out['no_lora_all_trainable'])}")
 
-    # VAE decode + reward, forward + backward into the latent, plain and with the decoder
-    # checkpointed per block (the engine's model.checkpoint_reward)
+    # VAE decode + reward, forward + backward into the latent: plain, the decoder checkpointed
+    # per block by diffusers (the engine's model.checkpoint_reward today), and by
+    # engine.flux.vae.checkpoint_decoder (exact) at each granularity; FLOPs of fwd+bwd
     r["vae_reward"] = {}
     vae = ad.vae
-    for label, block_ck in (("plain", False), ("vae_block_ckpt", True)):
-        if block_ck:
-            vae.enable_gradient_checkpointing()
-        else:
-            vae.disable_gradient_checkpointing()
-        rf = trainer.reward_fn([PROMPT])
+    rf = trainer.reward_fn([PROMPT])
+    with torch.no_grad():
+        dec_fwd = count_flops(lambda: rf(torch.randn_like(x1)))
+    r["vae_decode_forward_flops"] = dec_fwd
+
+    def fwd_bwd():
+        rf(torch.randn_like(x1).requires_grad_(True)).sum().backward()
+
+    for label, mode in (("plain", None), ("vae_block_ckpt", "diffusers"), ("vae_auto_ckpt", "auto"),
+                        ("vae_resnet_ckpt", "resnet"), ("vae_block_frozen_ckpt", "block")):
+        set_vae_checkpointing(vae, mode)
         lat = torch.randn_like(x1).requires_grad_(True)
         try:
             with PeakLiveBytes() as m:
                 s = rf(lat)
                 fwd_live = m.live
                 s.sum().backward()
-            del s
+            del s, lat
+            gc.collect()
+            flops = count_flops(fwd_bwd)
         finally:
-            vae.enable_gradient_checkpointing()   # the engine default
-        r["vae_reward"][label] = {"peak": m.peak, "held_after_fwd": fwd_live}
-        log(f"[{res}] VAE decode+reward fwd+bwd {label}: peak {gib(m.peak)}, held after fwd {gib(fwd_live)}")
+            set_vae_checkpointing(vae, "diffusers")   # the engine default
+        r["vae_reward"][label] = {"peak": m.peak, "held_after_fwd": fwd_live, "mode": mode,
+                                  "fwd_bwd_flops": flops}
+        log(f"[{res}] VAE decode+reward fwd+bwd {label}: peak {gib(m.peak)}, held after fwd {gib(fwd_live)}, "
+            f"{flops / 1e12:.2f} TFLOP")
+    plain_f = r["vae_reward"]["plain"]["fwd_bwd_flops"]
+    for term in r["vae_reward"].values():
+        term["recompute_flops"] = term["fwd_bwd_flops"] - plain_f
     img = torch.rand(1, 3, res, res, dtype=torch.bfloat16, requires_grad=True)
     with PeakLiveBytes() as m:
         trainer.reward_model(img, [PROMPT]).sum().backward()
@@ -342,11 +378,12 @@ def cpu_resolution(res: int, policies, steps: int, t_check: int, log) -> dict:
 
     # the whole iteration: rollout + passes + leaps + decode + reward + backward
     r["iteration"] = {}
-    runs = [(p, steps) for p in policies]
+    runs = [(p, steps, "diffusers") for p in policies]
     if t_check and "lean" in policies:
-        runs.append(("lean", t_check))
-    for policy, T in runs:
-        configure(trainer, "leapalign", policy, steps=T)
+        runs.append(("lean", t_check, "diffusers"))
+    runs += [(p, steps, "auto") for p in policies if p != "baseline"]
+    for policy, T, vae_ckpt in runs:
+        configure(trainer, "leapalign", policy, steps=T, vae_ckpt=vae_ckpt)
         choices = trainer.method.draw(T, torch.Generator().manual_seed(0), x1)
         t1 = time.perf_counter()
         with PeakLiveBytes() as m:
@@ -362,7 +399,8 @@ def cpu_resolution(res: int, policies, steps: int, t_check: int, log) -> dict:
                 "peak_during_forward": peak_fwd, "held_after_loss_forward": after_fwd,
                 "lora_grads_created": grads, "whole_iteration_peak": m.peak + w["resident"],
                 "cpu_seconds_fake": time.perf_counter() - t1}
-        key = policy + ("" if T == steps else f"@T={T}")
+        key = policy + ("" if vae_ckpt == "diffusers" else f"+vae_{vae_ckpt}") + ("" if T == steps else f"@T={T}")
+        res_["vae_ckpt"] = None if policy == "baseline" else vae_ckpt
         r["iteration"][key] = res_
         log(f"[{res}] iteration {key}: activations peak {gib(m.peak)} (held after loss fwd "
             f"{gib(after_fwd)}), whole {gib(res_['whole_iteration_peak'])} ({res_['cpu_seconds_fake']:.0f}s)")
@@ -490,7 +528,10 @@ def markdown_cpu(data) -> str:
           "(no parameters, negligible cost)",
           f"- whole iteration through LeapTrainer's own pieces (method.loss with T={data['steps']}, reward_fn, "
           "loss.backward()); baseline = diffusers enable_gradient_checkpointing(), policy none, VAE decode + "
-          "reward not checkpointed; none/full/lean run VAE decode + reward checkpointed (engine default)",
+          "reward not checkpointed; none/full/lean run VAE decode + reward checkpointed (engine default: diffusers "
+          "per block); `<policy>+vae_auto` = the same with engine.flux.vae.checkpoint_decoder(granularity=\"auto\") "
+          "instead (exact, frozen ops)",
+          f"- command: `{data.get('command', 'python bench/bench_step.py --device cpu ...')}`",
           f"- run: {data['date']}, {data['seconds']:.0f} s", ""]
     for r in data["results"]:
         w, fl = r["weights"], r["flops"]
@@ -502,10 +543,20 @@ def markdown_cpu(data) -> str:
               f"| EMA fp32 (computed) | {gib(w['ema_fp32'])} |",
               f"| VAE weights (decoder {gib(w['vae_decoder'])}) | {gib(w['vae'])} |",
               f"| resident total | {gib(w['resident'])} |"]
+        fwd = r.get("vae_decode_forward_flops")
         for label, v in r["vae_reward"].items():
+            extra = ""
+            if "recompute_flops" in v and fwd:
+                extra = (f"; fwd+bwd {v['fwd_bwd_flops'] / 1e12:.2f} TFLOP, recompute +{v['recompute_flops'] / 1e12:.2f}"
+                         f" ({v['recompute_flops'] / fwd:.2f} decode fwd)")
             L.append(f"| VAE decode + reward fwd+bwd peak, {label} | {gib(v['peak'])} (held after fwd "
-                     f"{gib(v['held_after_fwd'])}) |")
+                     f"{gib(v['held_after_fwd'])}{extra}) |")
         L.append(f"| reward alone (ColourReward) fwd+bwd peak | {gib(r['reward_alone_peak'])} |")
+        if fwd:
+            L += ["", f"VAE decode + reward forward: {fwd / 1e12:.2f} TFLOP (FlopCounterMode; the backward into the latent "
+                      "alone costs about as much, the frozen weights need no gradient). vae_block_ckpt = diffusers' "
+                      "enable_gradient_checkpointing(); vae_auto/resnet/block_frozen_ckpt = "
+                      "engine.flux.vae.checkpoint_decoder at that granularity (bit-identical gradients)."]
         L += ["", f"FLOPs per forward: {fl['forward_matmul_counted'] / 1e12:.1f} TFLOP matmul counted, "
                   f"{fl['forward_with_attention'] / 1e12:.1f} with attention (by hand, "
                   f"{fl['attention_by_hand'] / 1e12:.1f}), {fl['forward_lora_with_attention'] / 1e12:.1f} with "
@@ -518,18 +569,20 @@ def markdown_cpu(data) -> str:
             L.append(f"| {p} | {gib(v['lora'])} | {gib(v['all_trainable'])} | {gib(v['no_lora_all_trainable'])} |")
         L += ["", "Whole iteration (leapalign), PeakLiveBytes across loss + backward (activations, LoRA grads), "
                   "plus resident weights/states:", "",
-              "| policy | T | (k, j) | held after loss fwd | activations peak | whole-iteration peak | vs baseline |",
-              "|---|---:|---|---:|---:|---:|---:|"]
+              "| policy | VAE decoder | T | (k, j) | held after loss fwd | activations peak | whole-iteration peak | vs baseline |",
+              "|---|---|---:|---|---:|---:|---:|---:|"]
         for p, it in r["iteration"].items():
             vb = f"{it['vs_baseline']:.2f}x" if "vs_baseline" in it else "-"
-            L.append(f"| {p.split('@')[0]} | {it['T']} | ({it['k']}, {it['j']}) | {gib(it['held_after_loss_forward'])} | "
+            vk = it.get("vae_ckpt", None if p == "baseline" else "diffusers")
+            vk = {None: "plain", "diffusers": "diffusers per block", "auto": "checkpoint_decoder auto"}.get(vk, vk)
+            L.append(f"| {p.split('@')[0].split('+')[0]} | {vk} | {it['T']} | ({it['k']}, {it['j']}) | {gib(it['held_after_loss_forward'])} | "
                      f"{gib(it['activations_peak'])} | {gib(it['whole_iteration_peak'])} | {vb} |")
         L.append("")
     L += ["## Targets (memory; the time and MFU targets need a GPU)", "",
           "| res | target | value | result |", "|---|---|---:|---|"]
     for r in data["results"]:
         it = r["iteration"]
-        for p in ("none", "full", "lean"):
+        for p in ("none", "full", "lean", "none+vae_auto", "full+vae_auto", "lean+vae_auto"):
             if p in it and "vs_baseline" in it[p]:
                 v = it[p]["vs_baseline"]
                 L.append(f"| {r['res']} | leapalign/{p} peak <= {TARGETS['mem_ratio_max']}x baseline | {v:.2f} | "
@@ -600,6 +653,7 @@ def main(argv=None) -> int:
             "versions": f"torch {torch.__version__}, triton {triton.__version__}, diffusers {diffusers.__version__}",
             "backend_env": os.environ.get("LEAPALIGN_BACKEND"), "targets": TARGETS, "results": []}
     stem = a.name or f"step_{a.device}" + ("_tiny" if a.tiny else "")
+    data["command"] = "python bench/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
     log = lambda s: print(f"[{time.perf_counter() - t0:6.1f}s] {s}", flush=True)  # noqa: E731
     fake = a.device == "cpu" and not (a.real or a.tiny)
     def save():  # after every resolution (and, on GPU, every config): a timeout leaves what ran
