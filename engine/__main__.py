@@ -21,12 +21,20 @@ def _train(args) -> int:
     from engine.trainer import LeapTrainer
 
     cfg = load_config(args.config, args.overrides)
-    trainer = LeapTrainer(cfg)
-    _cpu_settings(trainer)
-    print(f"device: {trainer.device}; method: {cfg.method.name} {trainer.method}; "
-          f"trainable parameters: {sum(p.numel() for p in trainer.params.values()):,}", flush=True)
-    summary = trainer.train(resume=args.resume)
-    print(json.dumps(summary, indent=2))
+    trainer = LeapTrainer(cfg)   # under torchrun (distributed=ddp|fsdp) this joins the job
+    try:
+        _cpu_settings(trainer)
+        d = trainer.dist
+        if d.main:
+            print(f"device: {trainer.device}; method: {cfg.method.name} {trainer.method}; "
+                  f"trainable parameters: {sum(p.numel() for p in trainer.params.values()):,}; "
+                  f"{d.world} process(es) ({cfg.distributed}), global batch {trainer.global_batch} "
+                  f"= {cfg.batch_size} x {cfg.grad_accum} micro-steps x {d.world}", flush=True)
+        summary = trainer.train(resume=args.resume)
+        if d.main:
+            print(json.dumps(summary, indent=2))
+    finally:
+        trainer.dist.close()
     return 0
 
 

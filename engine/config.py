@@ -28,7 +28,9 @@ class ModelConfig:
     # how the graph-keeping passes keep activations (engine/flux/lean.py): none | full | lean | budget
     policy: str = "none"
     budget_gib: float = 0.0           # policy=budget: bound on the blocks' saved activations
-    checkpoint_reward: bool = True    # VAE decoder blocks recomputed in the backward
+    checkpoint_reward: bool = True    # VAE decoder recomputed in the backward
+    # how (engine/flux/vae.py): auto | resnet | block (exact, frozen-weight ops) | diffusers
+    reward_ckpt: str = "auto"
 
 
 @dataclass
@@ -90,6 +92,11 @@ class TrainConfig:
     judge: bool = False               # also score eval samples with the world's judge (world prompts)
     # more rewards to score eval samples with, each {name: ..., params: {...}} like `reward`
     eval_rewards: list = field(default_factory=list)
+    # data parallel under torchrun: none | ddp | fsdp (FSDP2, full fine-tuning or LoRA). batch_size
+    # is per rank and micro-step: one update averages batch_size * grad_accum * world_size samples
+    distributed: str = "none"
+    grad_accum: int = 1               # micro-steps whose gradients add up to one update
+    tensorboard: bool = False         # also log to <output_dir>/tb (needs the tensorboard package)
 
     def validate(self) -> "TrainConfig":
         if self.num_steps < 2:
@@ -101,6 +108,8 @@ class TrainConfig:
             raise ValueError("prompts must not be empty")
         if not 0.0 <= self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must lie in [0, 1), got {self.test_fraction}")
+        if self.model.reward_ckpt not in ("auto", "resnet", "block", "diffusers"):
+            raise ValueError(f"model.reward_ckpt must be auto, resnet, block or diffusers, got {self.model.reward_ckpt!r}")
         if self.model.transformer_file and self.model.source in ("tiny", "world"):
             raise ValueError("model.transformer_file needs model.source to be a local diffusers folder "
                              "(for transformer/config.json, the VAE and the text encoders)")
@@ -121,6 +130,10 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if not 0.0 <= self.optim.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must lie in [0, 1), got {self.optim.ema_decay}")
+        if self.distributed not in ("none", "ddp", "fsdp"):
+            raise ValueError(f"distributed must be none, ddp or fsdp, got {self.distributed!r}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         return self
 
 

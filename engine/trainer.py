@@ -1,11 +1,14 @@
 """LeapTrainer: the training loop around an estimator from ``engine.methods``.
 
 AdamW, gradient clipping, an fp32 EMA, full fine-tuning or LoRA (peft), bf16 autocast on GPU,
-atomic safetensors checkpoints with exact resume, and per-step metrics as JSONL.
+atomic safetensors checkpoints with exact resume, per-step metrics as JSONL (and TensorBoard),
+gradient accumulation and data parallel training under torchrun (DDP / FSDP2,
+``engine.distributed``).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -19,6 +22,7 @@ import torch
 import yaml
 
 from engine import checkpoint as ckpt
+from engine import distributed
 from engine.config import TrainConfig, from_dict, to_dict
 from engine.flux.adapter import FluxAdapter
 from engine.flux.embed_cache import CachedTextEncoder, encoder_identity, pipeline_encoder_id
@@ -55,6 +59,9 @@ class LeapTrainer:
             if cfg.device == "cuda" and not torch.cuda.is_available():
                 raise RuntimeError("device=cuda was asked for, but torch sees no CUDA device")
             self.device = torch.device(cfg.device)
+        self.dist = distributed.setup(cfg.distributed, self.device)
+        if self.dist.active and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         dtype = DTYPES[cfg.model.dtype]
         m = cfg.model
         if adapter is None:
@@ -95,7 +102,8 @@ class LeapTrainer:
         if cfg.embed_cache_dir:
             text_encoder = CachedTextEncoder(text_encoder, cfg.embed_cache_dir,
                                              encoder_id or encoder_identity(text_encoder))
-            text_encoder.precompute(self.prompts + self.eval_prompts(), progress=True)
+            with self.dist.main_first():   # the other ranks then only read the files rank 0 wrote
+                text_encoder.precompute(self.prompts + self.eval_prompts(), progress=self.dist.main)
             text_encoder.release()
         self.text_encoder = text_encoder
         reward = reward if reward is not None else build_reward(cfg.reward.name, **cfg.reward.params)
@@ -103,11 +111,17 @@ class LeapTrainer:
         self.eval_rewards = {f"reward_{r['name']}": build_reward(r["name"], **r.get("params", {})).to(self.device)
                              for r in cfg.eval_rewards}
         if m.checkpoint_reward and adapter.vae is not None:
-            # Per-block recomputation of the frozen decoder: its backward then holds one block's
-            # activations at a time, not the whole decoder's (11.4 -> 6.1 GiB at 1024^2 for
-            # Flux's VAE). One checkpoint around decode + reward would rebuild the whole graph in
+            # Exact recomputation of the frozen decoder (engine/flux/vae.py): at 1024^2 on Flux's
+            # VAE the decode + reward backward peaks at 2.36 GiB ("auto") against 6.09 GiB with
+            # diffusers' per-block checkpointing and 11.37 GiB plain, for ~0.7 extra decoder
+            # forwards. One checkpoint around decode + reward would rebuild the whole graph in
             # backward and leave the peak where it was.
-            adapter.vae.enable_gradient_checkpointing()
+            if m.reward_ckpt == "diffusers":
+                adapter.vae.enable_gradient_checkpointing()
+            else:
+                from engine.flux.vae import checkpoint_decoder
+
+                checkpoint_decoder(adapter.vae, m.reward_ckpt)
         self.method = make_method(cfg.method.name, **cfg.method.params)
 
         self.transformer = adapter.transformer
@@ -123,6 +137,15 @@ class LeapTrainer:
             self.transformer.requires_grad_(True)
         self.transformer.train()
         self.policy = self._apply_policy()
+        # FSDP2 swaps the parameters for sharded DTensors in place, so params, the optimizer and
+        # the EMA are made after it (and the EMA is sharded like its parameter)
+        self.model = self.dist.wrap(self.transformer, self.device)
+        if self.model is not self.transformer:
+            # a shallow copy whose forwards go through the DDP wrapper; sampling keeps the plain one
+            self._train_adapter = copy.copy(adapter)
+            self._train_adapter.transformer = self.model
+        else:
+            self._train_adapter = adapter
         self.params = {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
         if not self.params:
             raise ValueError("no trainable parameters (check lora.targets)")
@@ -181,28 +204,53 @@ class LeapTrainer:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> dict:
-        """One training iteration; returns its metrics. A non-finite reward, loss or gradient
-        skips the update (counted in ``skipped``) and leaves weights and optimizer untouched."""
-        cfg = self.cfg
+        """One training iteration (one update); returns its metrics, over the global batch.
+
+        The global batch (batch_size * grad_accum * world_size samples: prompts, noise and the
+        method's draws) comes whole from the run generator on every rank; each rank's micro-steps
+        take consecutive slices of it, and each micro-loss (a mean over its slice) is divided by
+        grad_accum, so that with DDP / FSDP averaging over ranks the update is that of the mean
+        over the global batch, however it is split. A non-finite reward, loss or gradient on any
+        rank skips the update on all (counted in ``skipped``), leaving weights and optimizer as
+        they were."""
+        cfg, d = self.cfg, self.dist
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
-        idx = torch.randint(len(self.prompts), (cfg.batch_size,), generator=self.generator).tolist()
-        prompts = [self.prompts[i] for i in idx]
-        cond = self._condition(prompts)
-        x1 = self.adapter.noise(cfg.batch_size, cfg.model.height, cfg.model.width, generator=self.generator,
-                                device=self.device)
-        choices = self.method.draw(cfg.num_steps, self.generator, x1)
-        with self._autocast():
-            out = self.method.loss(self.adapter.velocity_fn(cond), self.reward_fn(prompts), x1, self.sigmas, **choices)
-        loss_val, reward_val = float(out.loss.detach()), out.reward.float().cpu()
-        metrics = {"step": self.step_count + 1, "loss": loss_val, "reward": float(reward_val.mean())}
-        bad = None
-        if not math.isfinite(loss_val) or not torch.isfinite(reward_val).all():
-            bad = f"non-finite loss {loss_val} or reward {reward_val.tolist()}"
-        else:
-            out.loss.backward()
-            gn = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.optim.grad_clip))
+        B, A = cfg.batch_size, cfg.grad_accum
+        G = B * A * d.world
+        idx = torch.randint(len(self.prompts), (G,), generator=self.generator).tolist()
+        x1_all = self.adapter.noise(G, cfg.model.height, cfg.model.width, generator=self.generator,
+                                    device=self.device)
+        choices_all = self.method.draw(cfg.num_steps, self.generator, x1_all)
+        losses, rewards, per_sample, shared, calls, bad = [], [], {}, {}, 0, None
+        for m in range(A):
+            piece = d.rank * A + m
+            sl = slice(piece * B, (piece + 1) * B)
+            prompts = [self.prompts[i] for i in idx[sl]]
+            cond = self._condition(prompts)
+            choices = distributed.take(choices_all, x1_all.shape, sl)
+            with d.accumulating(self.model, last=m == A - 1):
+                with self._autocast():
+                    out = self.method.loss(self._train_adapter.velocity_fn(cond), self.reward_fn(prompts),
+                                           x1_all[sl], self.sigmas, **choices)
+                loss_val, reward_val = float(out.loss.detach()), out.reward.float().cpu()
+                losses.append(loss_val)
+                rewards.append(reward_val)
+                calls += out.model_calls
+                for key, val in out.metrics.items():
+                    if torch.is_tensor(val):
+                        per_sample.setdefault(key, []).append(val.detach().float().flatten().cpu())
+                    else:
+                        shared.setdefault(key, val)
+                bad = self._nonfinite(loss_val, reward_val)
+                if bad is not None:
+                    break
+                (out.loss / A if A > 1 else out.loss).backward()
+        metrics = {"step": self.step_count + 1, **self._reduce(losses, rewards, per_sample)}
+        if bad is None:
+            gn = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.optim.grad_clip)
+            gn = float(gn.full_tensor() if distributed.is_dtensor(gn) else gn)   # FSDP2: the global norm
             metrics["grad_norm"] = gn
             if not math.isfinite(gn):
                 bad = f"non-finite gradient norm {gn}"
@@ -211,14 +259,37 @@ class LeapTrainer:
             self._ema_update()
         else:
             self.skipped += 1
-            warnings.warn(f"step {self.step_count + 1} skipped, no update applied: {bad}")
+            if d.main:
+                warnings.warn(f"step {self.step_count + 1} skipped, no update applied: {bad}")
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         for key, val in out.metrics.items():
-            metrics[key] = float(val.float().mean()) if torch.is_tensor(val) else val
-        metrics.update(skipped_step=bad is not None, skipped_total=self.skipped, model_calls=out.model_calls,
-                       step_time_s=time.perf_counter() - t0, peak_mem_bytes=_peak_memory_bytes(self.device))
+            metrics[key] = metrics.pop(key) if key in per_sample else shared[key]
+        step_time, peak = d.all_reduce([time.perf_counter() - t0, _peak_memory_bytes(self.device)], "max")
+        metrics.update(skipped_step=bad is not None, skipped_total=self.skipped, model_calls=calls,
+                       step_time_s=step_time, peak_mem_bytes=int(peak))
         return metrics
+
+    def _nonfinite(self, loss_val: float, reward_val: torch.Tensor) -> str | None:
+        """Why this micro-step must not update, on this rank or any other (all ranks agree)."""
+        here = not math.isfinite(loss_val) or not torch.isfinite(reward_val).all()
+        why = f"non-finite loss {loss_val} or reward {reward_val.tolist()}" if here else None
+        if self.dist.active:
+            flags = [0.0] * self.dist.world
+            flags[self.dist.rank] = float(here)
+            ranks = [r for r, f in enumerate(self.dist.all_reduce(flags)) if f]
+            if ranks:
+                why = f"{why or 'non-finite loss or reward'} (rank(s) {ranks})"
+        return why
+
+    def _reduce(self, losses: list[float], rewards: list[torch.Tensor], per_sample: dict) -> dict:
+        """Means over every sample of the global batch that was run (all of it unless skipped)."""
+        parts = {"loss": (sum(losses), len(losses))}
+        for key, vals in {"reward": rewards, **per_sample}.items():
+            v = torch.cat(vals)
+            parts[key] = (v.sum(), v.numel()) if self.dist.active else (float(v.mean()), 1)
+        flat = self.dist.all_reduce([float(x) for pair in parts.values() for x in pair])
+        return {key: flat[2 * i] / flat[2 * i + 1] for i, key in enumerate(parts)}
 
     @torch.no_grad()
     def _ema_update(self) -> None:
@@ -308,16 +379,20 @@ class LeapTrainer:
         return {n: list(p.shape) for n, p in self.params.items()}
 
     def save_checkpoint(self, path: str | Path) -> None:
+        """Full, unsharded tensors in one file, written by rank 0; under FSDP every rank must call
+        it (the shards are gathered one tensor at a time)."""
         tensors = {}
-        index = {id(p): n for n, p in self.params.items()}
+        full = self.dist.full
         for n, p in self.params.items():
-            tensors[f"model.{n}"] = p
-            tensors[f"ema.{n}"] = self.ema[n]
-        for p, state in self.optimizer.state.items():
-            for key, val in state.items():
-                tensors[f"optim.{index[id(p)]}.{key}"] = val if torch.is_tensor(val) else torch.tensor(val)
+            tensors[f"model.{n}"] = full(p)
+            tensors[f"ema.{n}"] = full(self.ema[n])
+        for n, p in self.params.items():   # every rank walks the same order (gathers are collective)
+            for key, val in self.optimizer.state.get(p, {}).items():
+                tensors[f"optim.{n}.{key}"] = full(val if torch.is_tensor(val) else torch.tensor(val))
+        if not self.dist.main:
+            return
         tensors["rng.generator"] = self.generator.get_state()
-        meta = {"step": str(self.step_count), "skipped": str(self.skipped),
+        meta = {"step": str(self.step_count), "skipped": str(self.skipped), "global_batch": str(self.global_batch),
                 "fingerprint": ckpt.fingerprint(self._model_config(), self._shapes()),
                 "model_config": json.dumps(self._model_config(), sort_keys=True),
                 "shapes": json.dumps(self._shapes()), "config": yaml.safe_dump(to_dict(self.cfg)),
@@ -338,20 +413,29 @@ class LeapTrainer:
                     raise ValueError(f"checkpoint {path}: optim.{n}.{key} has shape {list(st[key].shape)}, "
                                      f"the weight has {list(p.shape)}")
             if st:
-                opt_state[i] = {k: (v if k == "step" else v.to(p.device)) for k, v in st.items()}
+                opt_state[i] = {k: (v if k == "step" else self.dist.shard_like(v, p)) for k, v in st.items()}
         sd = self.optimizer.state_dict()
         sd["state"] = opt_state
         # everything is validated; from here on the state changes
         self.optimizer.load_state_dict(sd)
         with torch.no_grad():
             for n, p in self.params.items():
-                p.copy_(tensors[f"model.{n}"].to(p.device, p.dtype))
-                self.ema[n].copy_(tensors[f"ema.{n}"])
+                p.copy_(self.dist.shard_like(tensors[f"model.{n}"].to(p.dtype), p))
+                self.ema[n].copy_(self.dist.shard_like(tensors[f"ema.{n}"], self.ema[n]))
         self.generator.set_state(tensors["rng.generator"])
         self.step_count, self.skipped = int(meta["step"]), int(meta["skipped"])
+        if int(meta.get("global_batch", self.global_batch)) != self.global_batch and self.dist.main:
+            warnings.warn(f"checkpoint {path} was trained with a global batch of {meta['global_batch']} "
+                          f"(batch_size * grad_accum * world_size), this run has {self.global_batch}: "
+                          f"it continues, but not as the original run would have")
         if meta.get("prompts_sha256", self._prompts_digest()) != self._prompts_digest():
             warnings.warn(f"checkpoint {path} was trained on another prompt list (prompt_file changed?); "
                           f"resuming on the current one")
+
+    @property
+    def global_batch(self) -> int:
+        """Samples averaged into one update: batch_size * grad_accum * world_size."""
+        return self.cfg.batch_size * self.cfg.grad_accum * self.dist.world
 
     def _prompts_digest(self) -> str:
         return hashlib.sha256(json.dumps(self.prompts).encode("utf-8")).hexdigest()
@@ -366,35 +450,61 @@ class LeapTrainer:
         cfg.output_dir; returns a summary with eval rewards before and after."""
         from tqdm import tqdm
 
-        cfg = self.cfg
+        cfg, main = self.cfg, self.dist.main
+        if cfg.tensorboard:   # on every rank, before any work: a missing package ends the whole job now
+            from engine.tb import TBLogger, require
+
+            require()
         out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
         if resume is not None:
             self.load_checkpoint(resume)
         total = steps if steps is not None else cfg.steps
         summary = {}
-        if self.step_count == 0:
-            before, images = self.evaluate()
-            save_grid(images[: cfg.samples], out / "samples_before.png")
-            summary["eval_before"] = before
-            summary["eval_reward_before"] = before["reward"]
-        log_path = out / "metrics.jsonl"
-        with open(log_path, "a") as log, tqdm(total=total, initial=self.step_count, desc="train", dynamic_ncols=True) as bar:
-            while self.step_count < total:
-                m = self.step()
-                log.write(json.dumps(m) + "\n")
-                log.flush()
-                bar.set_postfix(reward=f"{m['reward']:.4f}", loss=f"{m['loss']:.4f}")
-                bar.update(1)
-                if cfg.checkpoint_every and self.step_count % cfg.checkpoint_every == 0:
-                    self.save_checkpoint(out / "checkpoint.safetensors")
-        self.save_checkpoint(out / "checkpoint.safetensors")
-        after, images = self.evaluate()
-        save_grid(images[: cfg.samples], out / "samples_after.png")
-        after_ema, _ = self.evaluate(ema=True)
-        summary.update(eval_after=after, eval_after_ema=after_ema, eval_reward_after=after["reward"],
-                       eval_reward_after_ema=after_ema["reward"])
-        plot_reward_curve(log_path, out / "reward_curve.png")
-        summary.update(steps=self.step_count, skipped=self.skipped, output_dir=str(out))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        board = TBLogger(out / "tb") if cfg.tensorboard and main else None
+        try:
+            # every rank samples the evaluations (under FSDP every forward needs all of them);
+            # only rank 0 writes anything
+            if self.step_count == 0:
+                before, images = self.evaluate()
+                if main:
+                    save_grid(images[: cfg.samples], out / "samples_before.png")
+                    if board:
+                        board.scalars("eval", before, 0)
+                        board.images("samples/before", images[: cfg.samples], 0)
+                summary["eval_before"] = before
+                summary["eval_reward_before"] = before["reward"]
+            log_path = out / "metrics.jsonl"
+            with (open(log_path, "a") if main else contextlib.nullcontext()) as log, \
+                    tqdm(total=total, initial=self.step_count, desc="train", dynamic_ncols=True, disable=not main) as bar:
+                while self.step_count < total:
+                    m = self.step()
+                    if main:
+                        log.write(json.dumps(m) + "\n")
+                        log.flush()
+                        if board:
+                            board.scalars("train", m, self.step_count)
+                    bar.set_postfix(reward=f"{m['reward']:.4f}", loss=f"{m['loss']:.4f}")
+                    bar.update(1)
+                    if cfg.checkpoint_every and self.step_count % cfg.checkpoint_every == 0:
+                        self.save_checkpoint(out / "checkpoint.safetensors")
+            self.save_checkpoint(out / "checkpoint.safetensors")
+            after, images = self.evaluate()
+            after_ema, _ = self.evaluate(ema=True)
+            summary.update(eval_after=after, eval_after_ema=after_ema, eval_reward_after=after["reward"],
+                           eval_reward_after_ema=after_ema["reward"])
+            summary.update(steps=self.step_count, skipped=self.skipped, output_dir=str(out))
+            if main:
+                save_grid(images[: cfg.samples], out / "samples_after.png")
+                if board:
+                    board.scalars("eval", after, self.step_count)
+                    board.scalars("eval_ema", after_ema, self.step_count)
+                    board.images("samples/after", images[: cfg.samples], self.step_count)
+                plot_reward_curve(log_path, out / "reward_curve.png")
+                (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        finally:
+            if board is not None:
+                board.close()
+        self.dist.barrier()   # the run's files are all written when any rank returns
         return summary

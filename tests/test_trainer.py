@@ -186,6 +186,31 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir() if "ck.safetensors" in p.name) == ["ck.safetensors"]
 
 
+def test_tensorboard_logs_scalars_and_grids(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    LeapTrainer(cfg(tmp_path, "tensorboard=true", "steps=2")).train()
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/reward", "train/grad_norm", "train/d_j", "train/weight", "train/step_time_s",
+                "eval/reward", "eval_ema/reward"):
+        assert tag in scalars, tag
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [e.value for e in acc.Scalars("train/reward")] == pytest.approx([r["reward"] for r in rows])
+    assert [e.step for e in acc.Scalars("eval/reward")] == [0, 2]   # before and after training
+    assert {"samples/before", "samples/after"} <= set(acc.Tags()["images"])
+
+
+def test_tensorboard_missing_is_named(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)   # makes `import tensorboard` fail
+    with pytest.raises(ImportError, match="'tensorboard' package.*pip install tensorboard"):
+        LeapTrainer(cfg(tmp_path, "tensorboard=true")).train()
+    assert not (tmp_path / "samples_before.png").exists()   # refused before any work
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="optim.lrr"):
         load_config(None, ["optim.lrr=1"])
