@@ -32,7 +32,9 @@ def _train(args) -> int:
                   f"= {cfg.batch_size} x {cfg.grad_accum} micro-steps x {d.world}", flush=True)
         summary = trainer.train(resume=args.resume)
         if d.main:
-            print(json.dumps(summary, indent=2))
+            from engine.report import format_summary
+
+            print(format_summary(summary))
     finally:
         trainer.dist.close()
     return 0

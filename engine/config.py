@@ -31,6 +31,9 @@ class ModelConfig:
     checkpoint_reward: bool = True    # VAE decoder recomputed in the backward
     # how (engine/flux/vae.py): auto | resnet | block (exact, frozen-weight ops) | diffusers
     reward_ckpt: str = "auto"
+    # torch.compile backend for every double / single block (diffusers' compile_repeated_blocks:
+    # one graph per block class, reused 19 / 38 times); "" = eager, "inductor" on a GPU
+    compile: str = ""
 
 
 @dataclass

@@ -66,3 +66,16 @@ def write_eval_table(metrics: dict, path: str | Path, what: str) -> None:
         for kind, row in metrics["judge_by_kind"].items():
             lines.append(f"| {kind} | {row['n']} | {row['score']:.4f} | {row['accuracy']:.4f} |")
     Path(path).write_text("\n".join(lines) + "\n")
+
+
+def format_summary(summary: dict) -> str:
+    """LeapTrainer.train's summary as a few lines: each eval score before -> after (EMA)."""
+    after, ema, before = summary.get("eval_after", {}), summary.get("eval_after_ema", {}), summary.get("eval_before")
+    lines = [f"{summary['steps']} steps ({summary['skipped']} skipped); eval on {after.get('n', '?')} prompts, "
+             f"fixed noise: " + ("before -> after (EMA weights)" if before else "after (EMA weights)")]
+    for k, v in after.items():
+        if isinstance(v, float):
+            was = f"{before[k]:9.4f} -> " if before else ""
+            lines.append(f"  {k:<16}{was}{v:9.4f} ({ema.get(k, float('nan')):.4f})")
+    lines.append(f"details: {summary['output_dir']}/summary.json")
+    return "\n".join(lines)

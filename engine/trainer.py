@@ -137,6 +137,10 @@ class LeapTrainer:
             self.transformer.requires_grad_(True)
         self.transformer.train()
         self.policy = self._apply_policy()
+        if m.compile:
+            # after the policy swap, so the lean / checkpointed forwards are what gets compiled;
+            # the Triton and CUDA ops are custom ops with fake kernels, so dynamo traces through them
+            self.transformer.compile_repeated_blocks(backend=m.compile, dynamic=False)
         # FSDP2 swaps the parameters for sharded DTensors in place, so params, the optimizer and
         # the EMA are made after it (and the EMA is sharded like its parameter)
         self.model = self.dist.wrap(self.transformer, self.device)

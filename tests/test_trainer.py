@@ -68,6 +68,23 @@ def test_block_policies_train_identically(tmp_path, policy):
         torch.testing.assert_close(runs[policy][n], runs["none"][n], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("policy", ["none", "lean"])
+def test_compiled_blocks_train_like_eager(tmp_path, policy):
+    """model.compile traces every block (through the fused custom ops under lean); aot_eager
+    runs the traced graphs without codegen, so the weights must match eager closely."""
+    runs = {}
+    for backend in ("", "aot_eager"):
+        torch._dynamo.reset()
+        extra = [f"model.compile={backend}"] if backend else []
+        t = LeapTrainer(cfg(tmp_path / (backend or "eager"), f"model.policy={policy}", *extra))
+        t.step()
+        t.step()
+        runs[backend] = weights(t)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0   # the blocks did compile
+    for n in runs[""]:
+        torch.testing.assert_close(runs["aot_eager"][n], runs[""][n], rtol=1e-5, atol=1e-6)
+
+
 def test_reward_checkpointing_changes_nothing_but_memory(tmp_path):
     runs = {}
     for ck in ("true", "false"):
