@@ -217,3 +217,27 @@ def test_install_is_idempotent_reversible_and_leaves_the_module_alone():
         checkpoint_decoder(vae, "layer")
     with pytest.raises(TypeError):
         checkpoint_decoder(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_plain_decoder(dtype):
+    """On CUDA the frozen conv's backward hands cuDNN a shape-only stand-in for the input; the
+    gradient must still be the plain decoder's (to the run-to-run spread of cuDNN's algorithms)."""
+    vae = make_vae(flux_like_config).to("cuda", dtype)
+    z0 = torch.randn(2, 4, 12, 10, generator=torch.Generator().manual_seed(0)).to("cuda", dtype)
+    cot = torch.randn(2, 3, 96, 80, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
+
+    def run():
+        z = z0.clone().requires_grad_(True)
+        y = vae.decode(z).sample
+        (y * cot).sum().backward()
+        return y.detach().float(), z.grad.float()
+
+    y_ref, g_ref = run()
+    checkpoint_decoder(vae, "auto")
+    y, g = run()
+    uncheckpoint_decoder(vae)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(g, g_ref, **tol)
