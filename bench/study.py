@@ -1,0 +1,251 @@
+"""The small-world study: LeapAlign against ReFL, DRaFT-LV, DRTune and full backprop, plus ablations.
+
+Every run fine-tunes the shipped world model (configs/world.yaml: full fine-tuning, the learned
+world reward, lr and batch as there) from the same start, with the same budget of model
+evaluations (forward passes of the transformer over a batch, as each method reports them in
+``model_calls``): a method whose step costs fewer calls (ReFL and DRTune stop early) gets more
+steps. Then each is scored on fixed noise by the reward and by the held-out judge, on test prompts
+(held-out colour-shape pairs included; the model never trained on them) and on training prompts.
+
+  python bench/study.py                       # everything, 3 seeds, 2 worker processes
+  python bench/study.py --only leapalign refl --seeds 1 --budget 500   # a quick look
+
+Outputs in --out (default bench/results/study): runs/<name>__s<seed>.json (one per run; runs
+already there are not redone), results.json, table.md, curves.png, ablation_curves.png,
+grids.png. The table's spread is the standard deviation over seeds (training randomness: prompt
+draws, noise, step choices; the evaluation noise is the same for every run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LAM = 100.0   # above any world reward, so relu(lam - r) never clips and every method sees -grad r
+
+MAIN = {
+    "refl": ("refl", {}),
+    "draft-lv": ("draft-lv", {}),
+    "drtune": ("drtune", {}),
+    "full": ("full", {}),
+    "leapalign": ("leapalign", {"alpha": 0.3}),
+}
+ABLATIONS = {
+    "leapalign alpha=0": ("leapalign", {"alpha": 0.0}),
+    "leapalign alpha=0.1": ("leapalign", {"alpha": 0.1}),
+    "leapalign alpha=1": ("leapalign", {"alpha": 1.0}),
+    "leapalign no weighting": ("leapalign", {"alpha": 0.3, "weighting": False}),
+    "leapalign late pairs": ("leapalign", {"alpha": 0.3, "pair_window": 8}),
+}
+RUNS = {**MAIN, **ABLATIONS}
+N_TEST, N_TRAIN, N_GRID = 192, 64, 8
+EVAL_SEED = 1234
+
+
+def _slug(name: str) -> str:
+    return name.replace(" ", "_").replace("=", "")
+
+
+def eval_sets():
+    from engine.world.prompts import split
+
+    s = split()
+    rng = np.random.default_rng(0)
+    test = [s.test[i] for i in sorted(rng.choice(len(s.test), N_TEST, replace=False))]
+    train = [s.train[i] for i in sorted(rng.choice(len(s.train), N_TRAIN, replace=False))]
+    return test, train
+
+
+def run_one(job: dict) -> dict:
+    """One (method, seed): train to the call budget, evaluate, write runs/<name>__s<seed>.json."""
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    torch.set_flush_denormal(True)   # black backgrounds: denormal activations are slow on CPU
+    from engine.config import load_config
+    from engine.trainer import LeapTrainer
+
+    name, seed = job["name"], job["seed"]
+    method, params = RUNS[name] if name != "base" else ("leapalign", {})
+    overrides = [f"method.name={method}", f"method.params={json.dumps({**params, 'lam': LAM})}",
+                 f"seed={seed}", f"output_dir={job['out']}/work/{_slug(name)}__s{seed}", "judge=true"]
+    cfg = load_config(ROOT / "configs" / "world.yaml", overrides)
+    tr = LeapTrainer(cfg)
+    t0 = time.time()
+    calls, curve = 0, []
+    if name != "base":
+        while calls < job["budget"]:
+            m = tr.step()
+            calls += m["model_calls"]
+            curve.append((calls, m["reward"]))
+    train_s = time.time() - t0
+    test, train = eval_sets()
+    ev_test, images = tr.evaluate(test, seed=EVAL_SEED)
+    ev_train, _ = tr.evaluate(train, seed=EVAL_SEED + 1)
+    grid = Path(job["out"]) / "work" / f"{_slug(name)}__s{seed}_grid.npy"
+    grid.parent.mkdir(parents=True, exist_ok=True)
+    np.save(grid, (images[:N_GRID].numpy() * 255).round().astype(np.uint8))
+    res = {"name": name, "method": method, "params": {**params, "lam": LAM}, "seed": seed,
+           "steps": tr.step_count, "model_calls": calls, "train_seconds": train_s, "curve": curve,
+           "test": ev_test, "train": ev_train, "grid": str(grid)}
+    path = Path(job["out"]) / "runs" / f"{_slug(name)}__s{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res))
+    os.replace(tmp, path)
+    print(f"[study] {name} seed {seed}: {tr.step_count} steps, {calls} calls, {train_s:.0f}s; test judge "
+          f"{ev_test['judge']:.4f} reward {ev_test['reward']:.3f}; train judge {ev_train['judge']:.4f}", flush=True)
+    return res
+
+
+# ---------------------------------------------------------------------------------- report
+def _ms(vals) -> str:
+    vals = np.asarray(vals, dtype=float)
+    return f"{vals.mean():.3f} ± {vals.std(ddof=1):.3f}" if len(vals) > 1 else f"{vals.mean():.3f}"
+
+
+def summarize(out: Path, names: list[str]) -> dict:
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    by = {}
+    for r in runs:
+        by.setdefault(r["name"], []).append(r)
+    rows, table = {}, []
+    hdr = ("| run | seeds | steps | test judge | test accuracy | test reward | train judge | train reward | "
+           "train s/run |")
+    table += [hdr, "|---" * (hdr.count("|") - 1) + "|"]
+    for name in names:
+        rs = by.get(name, [])
+        if not rs:
+            continue
+        g = lambda split, key: [r[split][key] for r in rs]  # noqa: E731
+        rows[name] = {k: {"mean": float(np.mean(g(s, m))), "std": float(np.std(g(s, m), ddof=1)) if len(rs) > 1 else 0.0,
+                          "values": g(s, m)}
+                      for k, (s, m) in {"test_judge": ("test", "judge"), "test_accuracy": ("test", "judge_accuracy"),
+                                        "test_reward": ("test", "reward"), "train_judge": ("train", "judge"),
+                                        "train_reward": ("train", "reward")}.items()}
+        rows[name]["seeds"] = [r["seed"] for r in rs]
+        rows[name]["by_kind_test"] = {k: float(np.mean([r["test"]["judge_by_kind"][k]["score"] for r in rs]))
+                                      for k in rs[0]["test"]["judge_by_kind"]}
+        table.append(f"| {name} | {len(rs)} | {int(np.mean([r['steps'] for r in rs]))} | {_ms(g('test', 'judge'))} | "
+                     f"{_ms(g('test', 'judge_accuracy'))} | {_ms(g('test', 'reward'))} | {_ms(g('train', 'judge'))} | "
+                     f"{_ms(g('train', 'reward'))} | {np.mean([r['train_seconds'] for r in rs]):.0f} |")
+    kinds = ["single", "count", "pair", "relation", "overall"]
+    table += ["", "Test judge score by prompt kind (mean over seeds):", "",
+              "| run | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for name, row in rows.items():
+        table.append(f"| {name} | " + " | ".join(f"{row['by_kind_test'].get(k, float('nan')):.3f}" for k in kinds) + " |")
+    (out / "table.md").write_text("\n".join(table) + "\n")
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    _curves(by, [n for n in ["refl", "draft-lv", "drtune", "full", "leapalign"] if n in by], out / "curves.png")
+    _curves(by, [n for n in ["leapalign", *ABLATIONS] if n in by], out / "ablation_curves.png")
+    _grids(by, [n for n in ["base", *MAIN] if n in by], out / "grids.png")
+    return rows
+
+
+def _curves(by: dict, names: list[str], path: Path, window: int = 15) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not names:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for name in names:
+        grid = np.linspace(0, max(r["curve"][-1][0] for r in by[name]), 100)
+        ys = []
+        for r in by[name]:
+            c = np.asarray(r["curve"], dtype=float)
+            w = min(window, len(c))
+            sm = np.convolve(c[:, 1], np.ones(w) / w, mode="valid")
+            ys.append(np.interp(grid, c[w - 1:, 0], sm, left=np.nan))
+        ys = np.asarray(ys)
+        mean = np.nanmean(ys, 0)
+        ax.plot(grid, mean, label=name)
+        if len(ys) > 1:
+            sd = np.nanstd(ys, 0)
+            ax.fill_between(grid, mean - sd, mean + sd, alpha=0.15)
+    ax.set_xlabel("model evaluations (batch forward passes)")
+    ax.set_ylabel(f"training reward (moving mean of {window} steps)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _grids(by: dict, names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    test, _ = eval_sets()
+    fig, axes = plt.subplots(len(names), N_GRID, figsize=(N_GRID * 1.3, len(names) * 1.45), dpi=120, squeeze=False)
+    for i, name in enumerate(names):
+        r = min(by[name], key=lambda r: r["seed"])
+        imgs = np.load(r["grid"])
+        for j in range(N_GRID):
+            ax = axes[i, j]
+            ax.imshow(imgs[j].transpose(1, 2, 0))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(name, fontsize=7)
+            if i == 0:
+                ax.set_title(test[j], fontsize=4.5, wrap=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "study"))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--budget", type=int, default=2000, help="model evaluations per run (80 LeapAlign steps at T=25)")
+    ap.add_argument("--ablation-seeds", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    ap.add_argument("--only", nargs="*", default=None, help="run names (default: base + all)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    names = ["base", *RUNS] if args.only is None else args.only
+    unknown = [n for n in names if n != "base" and n not in RUNS]
+    if unknown:
+        raise SystemExit(f"unknown run(s) {unknown}; known: base, {', '.join(RUNS)}")
+    jobs = []
+    for name in names:
+        n_seeds = 1 if name == "base" else args.ablation_seeds if name in ABLATIONS else args.seeds
+        for seed in range(n_seeds):
+            if not (out / "runs" / f"{_slug(name)}__s{seed}.json").exists():
+                jobs.append({"name": name, "seed": seed, "budget": args.budget, "out": str(out),
+                             "threads": args.threads})
+    # the slow full-backprop runs first, so the pool does not end on one long job
+    jobs.sort(key=lambda j: (j["name"] != "full", j["name"] == "base"))
+    print(f"[study] {len(jobs)} runs to do in {args.workers} workers", flush=True)
+    if jobs:
+        if args.workers > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(args.workers) as pool:
+                for _ in pool.imap_unordered(run_one, jobs):
+                    pass
+        else:
+            for j in jobs:
+                run_one(j)
+    rows = summarize(out, ["base", *RUNS])
+    print((out / "table.md").read_text())
+    return rows
+
+
+if __name__ == "__main__":
+    main()
