@@ -45,8 +45,8 @@ def test_study_runs_and_summarizes(tmp_path, monkeypatch, restore_torch_settings
         res = study.run_one({"name": name, "seed": 0, "budget": 30, "out": str(tmp_path), "threads": 1})
         assert res["test"]["n"] == 6 and 0 <= res["test"]["judge"] <= 1
     assert res["steps"] == 2 and res["model_calls"] >= 30   # two LeapAlign steps of T=25 calls
-    rows = study.summarize(tmp_path, ["base", "leapalign"])
-    assert set(rows) == {"base", "leapalign"}
+    rows = study.summarize(tmp_path, ["base", "leapalign"], edit_pairs=4)
+    assert {"base", "leapalign", "_reward_by_edit"} <= set(rows)
     assert "| leapalign | 1 | 2 |" in (tmp_path / "table.md").read_text()
     for png in ("curves.png", "grids.png"):
         assert (tmp_path / png).is_file()
