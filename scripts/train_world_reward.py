@@ -179,7 +179,6 @@ def judge_correlation(net, texts, n: int = 128, seed: int = 0) -> dict:
     (a diagnostic: the reward was not fitted to it)."""
     from scipy.stats import spearmanr
 
-    from engine.flux.adapter import FluxAdapter  # noqa: F401  (import order: diffusers first)
     from engine.schedule import flux_sigmas
     from engine.world.judge import judge
     from engine.world.model import load_world_flux
