@@ -14,7 +14,8 @@ Validation: pairwise accuracy (true render above each near miss) on a bank built
 from the TEST prompts (held-out colour-shape pairs included). At the end, a diagnostic only:
 the rank correlation between reward and judge on the pretrained world model's own samples.
 
-Usage: python scripts/train_world_reward.py --steps 1500   (writes engine/world/weights/reward)
+Usage (the shipped weights; writes engine/world/weights/reward):
+  python scripts/train_world_reward.py --steps 1200 --groups 4000 --vae-frac 0.35 --threads 1
 The budget is in steps (not minutes) so that the weights do not depend on the machine's load.
 """
 from __future__ import annotations
