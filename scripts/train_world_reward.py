@@ -123,17 +123,6 @@ class Texts:
         return self.tokens[idx], self.masks[idx]
 
 
-def pair_scores(net, img_tok: torch.Tensor, txt_tok: torch.Tensor, txt_mask: torch.Tensor) -> torch.Tensor:
-    """Scores of (image token sets, text) pairs given precomputed image tokens: runs only the
-    fusion transformer, so each image's conv stem runs once per step however often it is paired."""
-    txt = net.txt_proj(txt_tok) + net.txt_pos[:, : txt_tok.shape[1]]
-    b = img_tok.shape[0]
-    x = torch.cat([net.score_token.expand(b, -1, -1), txt, img_tok], 1)
-    keep = torch.ones(b, x.shape[1], dtype=torch.bool)
-    keep[:, 1: 1 + txt.shape[1]] = txt_mask
-    return net.head(net.encoder(x, src_key_padding_mask=~keep)[:, 0]).squeeze(-1)
-
-
 def group_losses(net, images: torch.Tensor, caps: list[list[str]], texts: Texts, m_others: int,
                  gen: torch.Generator):
     """images (G, 1 + K, 3, H, W) float -> (image-side loss, text-side loss, pairwise accuracy)."""
@@ -145,10 +134,10 @@ def group_losses(net, images: torch.Tensor, caps: list[list[str]], texts: Texts,
     cand = torch.cat([tok, tok[others, 0]], 1)                       # (G, N + M, P, D)
     t, m = texts([c[0] for c in caps])
     C = cand.shape[1]
-    s_img = pair_scores(net, cand.flatten(0, 1), t.repeat_interleave(C, 0), m.repeat_interleave(C, 0)).view(G, C)
+    s_img = net.score_tokens(cand.flatten(0, 1), t.repeat_interleave(C, 0), m.repeat_interleave(C, 0)).view(G, C)
     # text side: the true render against the K edited prompts (index 0 is shared with s_img)
     t2, m2 = texts([c for row in caps for c in row[1:]])
-    s_txt = pair_scores(net, tok[:, 0].repeat_interleave(K, 0), t2, m2).view(G, K)
+    s_txt = net.score_tokens(tok[:, 0].repeat_interleave(K, 0), t2, m2).view(G, K)
     s_txt = torch.cat([s_img[:, :1], s_txt], 1)
     target = torch.zeros(G, dtype=torch.long)
     acc = (s_img[:, :1] > s_img[:, 1:N]).float().mean()

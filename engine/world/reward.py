@@ -72,10 +72,9 @@ class WorldRewardNet(nn.Module):
         x = self.stem(torch.cat([images * 2 - 1, coords], 1))
         return x.flatten(2).transpose(1, 2) + self.img_pos
 
-    def forward(self, images: Tensor, text_tokens: Tensor, text_mask: Tensor) -> Tensor:
-        """images (B, 3, H, W) in [0, 1]; text_tokens (B, L, text_dim); text_mask (B, L) bool, True
-        on real tokens -> (B,) scores."""
-        img = self.image_tokens(images)
+    def score_tokens(self, img: Tensor, text_tokens: Tensor, text_mask: Tensor) -> Tensor:
+        """Scores from image tokens already computed (training pairs one image with many prompts
+        and runs its conv stem once)."""
         txt = self.txt_proj(text_tokens.to(img.dtype)) + self.txt_pos[:, : text_tokens.shape[1]]
         b = img.shape[0]
         x = torch.cat([self.score_token.expand(b, -1, -1), txt, img], 1)
@@ -84,14 +83,17 @@ class WorldRewardNet(nn.Module):
         x = self.encoder(x, src_key_padding_mask=~keep)
         return self.head(x[:, 0]).squeeze(-1)
 
+    def forward(self, images: Tensor, text_tokens: Tensor, text_mask: Tensor) -> Tensor:
+        """images (B, 3, H, W) in [0, 1]; text_tokens (B, L, text_dim); text_mask (B, L) bool, True
+        on real tokens -> (B,) scores."""
+        return self.score_tokens(self.image_tokens(images), text_tokens, text_mask)
+
 
 def save_reward_net(net: WorldRewardNet, folder: str | os.PathLike) -> None:
-    from safetensors.torch import save_file
+    from engine.checkpoint import save_atomic
 
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, WEIGHTS_NAME + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, tmp)
-    os.replace(tmp, os.path.join(folder, WEIGHTS_NAME))
+    save_atomic(os.path.join(folder, WEIGHTS_NAME), net.state_dict(), {})
     with open(os.path.join(folder, CONFIG_NAME), "w") as f:
         json.dump(asdict(net.cfg), f, indent=2)
 
