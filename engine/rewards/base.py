@@ -1,7 +1,23 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+
+
+def resolve_weight_file(path, names, what: str = "checkpoint") -> Path:
+    """``path`` itself if it is a file, else the first of ``names`` inside the folder ``path``;
+    a clear FileNotFoundError naming the path otherwise (reward weights are only ever local)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    if p.is_dir():
+        found = [p / n for n in names if (p / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{what} not found: {p} holds none of {list(names)}")
+        p = found[0]
+    return p
 
 
 class ImageReward(nn.Module):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from engine.rewards.base import ImageReward
+from engine.rewards.base import ImageReward, resolve_weight_file
 from engine.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocess
 
 # open_clip's ViT-H-14 (the HPS v2 / v2.1 backbone); other names are read from open_clip's
@@ -401,14 +401,7 @@ def load_state_dict_file(path, default_names=HPS_FILENAMES) -> dict[str, torch.T
     """A state dict from a local ``.pt`` / ``.bin`` (read with ``weights_only=True``) or
     ``.safetensors`` file, or from a folder holding one of ``default_names``. A checkpoint dict with
     a ``"state_dict"`` entry (HPSv2's format) is unwrapped, and a DDP ``module.`` prefix stripped."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
-    if p.is_dir():
-        found = [p / n for n in default_names if (p / n).is_file()]
-        if not found:
-            raise FileNotFoundError(f"checkpoint not found: {p} holds none of {list(default_names)}")
-        p = found[0]
+    p = resolve_weight_file(path, default_names)
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
         sd = load_file(str(p))

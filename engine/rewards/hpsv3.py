@@ -68,7 +68,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.rewards.base import ImageReward
+from engine.rewards.base import ImageReward, resolve_weight_file
 from engine.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize
 
 HPSV3_PIXELS = 256 * 28 * 28          # HPSv3's min_pixels = max_pixels
@@ -208,15 +208,7 @@ class QwenVLImagePreprocess:
 
 def resolve_checkpoint(path) -> Path:
     """The HPSv3 checkpoint file: ``path`` itself, or the first of ``CHECKPOINT_NAMES`` in the folder ``path``."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"HPSv3 checkpoint not found: {p}")
-    if p.is_dir():
-        found = [p / n for n in CHECKPOINT_NAMES if (p / n).is_file()]
-        if not found:
-            raise FileNotFoundError(f"HPSv3 checkpoint not found: {p} holds none of {list(CHECKPOINT_NAMES)}")
-        p = found[0]
-    return p
+    return resolve_weight_file(path, CHECKPOINT_NAMES, "HPSv3 checkpoint")
 
 
 def resolve_base(path, base=None) -> Path:
