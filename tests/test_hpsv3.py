@@ -12,13 +12,13 @@ formats load; missing files raise FileNotFoundError naming the path.
 import hashlib
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from engine.rewards import REWARDS, build_reward
 from engine.rewards.hpsv3 import (HPSV3_INSTRUCTION, HPSV3_PIXELS, HPSV3_REWARD_PROMPT, QwenVLImagePreprocess,
                                   hpsv3_text, smart_resize)
+from tests.images import smooth_image, to_tensor
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -66,18 +66,6 @@ def write_qwen2_tokenizer(folder):
         "clean_up_tokenization_spaces": False, "additional_special_tokens": QWEN2_SPECIALS[1:]}))
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_VL_CHAT_TEMPLATE}))
     return {s: n_vocab + i for i, s in enumerate(QWEN2_SPECIALS)}
-
-
-def smooth_image(h, w, seed=0):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    ph = rng.uniform(0, 3, 3)
-    img = np.stack([np.sin(6 * xx + ph[0]), np.cos(5 * yy + ph[1]), np.sin(4 * (xx + yy) + ph[2])], -1) * 0.4 + 0.5
-    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
-
-
-def to_tensor(arr):
-    return torch.from_numpy(np.array(arr)).permute(2, 0, 1)[None].float() / 255.0
 
 
 def official_pixels(arr, min_pixels, max_pixels):

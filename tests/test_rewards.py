@@ -24,6 +24,7 @@ from engine.rewards import REWARDS, build_reward
 from engine.rewards.hps import CLIPBPETokenizer, OpenCLIPModel, _bytes_to_unicode, _open_clip_dir
 from engine.rewards.preprocess import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocess, center_crop,
                                       shortest_edge_size)
+from tests.images import smooth_image, to_tensor
 
 PROMPTS = ["a photo of a cat", "a cat"]
 
@@ -45,19 +46,6 @@ def write_tiny_bpe(folder):
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")
     return gz, len(vocab)
-
-
-def smooth_image(h, w, seed=0):
-    """A smooth uint8 RGB image (h, w, 3), like a decoded generation rather than noise."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    ph = rng.uniform(0, 3, 3)
-    img = np.stack([np.sin(6 * xx + ph[0]), np.cos(5 * yy + ph[1]), np.sin(4 * (xx + yy) + ph[2])], -1) * 0.4 + 0.5
-    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
-
-
-def to_tensor(arr):
-    return torch.from_numpy(np.array(arr)).permute(2, 0, 1)[None].float() / 255.0
 
 
 def openclip_preprocess_val(arr, size=224):
