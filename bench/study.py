@@ -95,7 +95,8 @@ def run_one(job: dict) -> dict:
     name, seed = job["name"], job["seed"]
     method, params, *factor = RUNS[name] if name != "base" else ("leapalign", {})
     budget = job["budget"] * (factor[0] if factor else 1)
-    overrides = [f"method.name={method}", f"method.params={json.dumps({**params, 'lam': LAM})}",
+    section = method.replace("-", "_")
+    overrides = [f"method.name={method}", f"method.{section}={json.dumps(params)}", f"method.lam={LAM}",
                  f"seed={seed}", f"output_dir={job['out']}/work/{_slug(name)}__s{seed}", "judge=true"]
     cfg = load_config(ROOT / "configs" / "world.yaml", overrides)
     tr = LeapTrainer(cfg)

@@ -1,37 +1,44 @@
-"""python -m engine {train, sample, eval, export}"""
+"""python -m engine {train, sample, eval, export}
+
+A user error (a bad config value, a missing file, a refused checkpoint) prints one line and
+exits 2; ``--debug`` shows the traceback. Configs are checked before the heavy imports.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, RuntimeError)
 
-def _cpu_settings(trainer) -> None:
+
+def _cpu_settings(device) -> None:
     # The world's black backgrounds drive activations into denormals, which slow CPU float math
     # several-fold; flushing them changes nothing a float32 result can resolve. A process-wide
     # switch, so it is set here, by the application, not by the library.
-    if trainer.device.type == "cpu":
+    if device.type == "cpu":
         import torch
 
         torch.set_flush_denormal(True)
 
 
 def _train(args) -> int:
+    from pathlib import Path
+
     from engine.config import load_config
+
+    cfg = load_config(args.config, args.overrides)   # light: fails before torch is imported
+    if args.resume is not None and not Path(args.resume).is_file():
+        raise FileNotFoundError(f"checkpoint to resume not found: {args.resume}")
     from engine.trainer import LeapTrainer
 
-    cfg = load_config(args.config, args.overrides)
     trainer = LeapTrainer(cfg)   # under torchrun (distributed=ddp|fsdp) this joins the job
     try:
-        _cpu_settings(trainer)
-        d = trainer.dist
-        if d.main:
-            print(f"device: {trainer.device}; method: {cfg.method.name} {trainer.method}; "
-                  f"trainable parameters: {sum(p.numel() for p in trainer.params.values()):,}; "
-                  f"{d.world} process(es) ({cfg.distributed}), global batch {trainer.global_batch} "
-                  f"= {cfg.batch_size} x {cfg.grad_accum} micro-steps x {d.world}", flush=True)
+        _cpu_settings(trainer.device)
+        if trainer.dist.main:
+            print(trainer.describe(), flush=True)
         summary = trainer.train(resume=args.resume)
-        if d.main:
+        if trainer.dist.main:
             from engine.report import format_summary
 
             print(format_summary(summary))
@@ -40,52 +47,90 @@ def _train(args) -> int:
     return 0
 
 
-def _sample(args) -> int:
-    from engine.report import save_grid
-    from engine.trainer import LeapTrainer
+def _load_run(args, need):
+    """(config, model with the checkpoint's weights, text encoder, device) for sample / eval."""
+    from engine import build
+    from engine import checkpoint as ckpt
 
-    cfg = LeapTrainer.config_from_checkpoint(args.checkpoint)
-    trainer = LeapTrainer(cfg)
-    _cpu_settings(trainer)
-    trainer.load_checkpoint(args.checkpoint)
-    prompts = args.prompt * args.n
-    if args.ema:
-        with trainer.ema_weights():
-            images, rewards = trainer.sample(prompts, seed=args.seed, num_steps=args.steps)
+    cfg, withheld = ckpt.read_config(args.checkpoint, args.overrides, need=need)
+    device = build.resolve_device(cfg.device)
+    _cpu_settings(device)
+    adapter = build.build_trainable(cfg, device)
+    meta = ckpt.load_weights(args.checkpoint, adapter.transformer, ema=not args.raw)
+    text = build.source(cfg.model.source).text(cfg.model, adapter, device, build.DTYPES[cfg.model.dtype])
+    return cfg, withheld, adapter, text, device, int(meta.get("step", 0))
+
+
+def _sample(args) -> int:
+    from pathlib import Path
+
+    from engine import build, generate
+    from engine.report import save_grid
+
+    cfg, withheld, adapter, text, device, step = _load_run(args, need=("model",))
+    prompts = [p for p in args.prompt for _ in range(args.n)]
+    build.check_prompts(prompts, text)
+    m = cfg.model
+    images = generate.generate(adapter, generate.text_condition(adapter, text, m.height, m.width), prompts,
+                               m.height, m.width, args.steps or cfg.eval_num_steps, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_grid(images, out / "samples.png", captions=prompts)
+    rows = [{"prompt": p} for p in prompts]
+    if any(k.startswith("reward.") for k in withheld):
+        print(f"reward ({cfg.reward.name}) not computed: its weights path is not read from a checkpoint; "
+              f"pass reward.params.path=... to score")
     else:
-        images, rewards = trainer.sample(prompts, seed=args.seed, num_steps=args.steps)
-    save_grid(images, args.out)
-    for p, r in zip(prompts, rewards.tolist()):
-        print(f"{r:.4f}  {p}")
-    print(f"wrote {args.out}")
+        reward, _ = build.build_rewards(cfg, device)
+        build.check_prompts(prompts, reward)
+        with generate.autocast(device):
+            scores = reward(images, prompts).float().tolist()
+        for row, r in zip(rows, scores):
+            row[f"reward_{cfg.reward.name}"] = r
+            print(f"reward ({cfg.reward.name}) {r:.4f}  {row['prompt']}")
+    (out / "samples.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), "step": step,
+                                                  "weights": "raw" if args.raw else "EMA",
+                                                  "num_steps": args.steps or cfg.eval_num_steps,
+                                                  "seed": args.seed, "samples": rows}, indent=2))
+    print(f"wrote {out / 'samples.png'} and {out / 'samples.json'} ({'raw' if args.raw else 'EMA'} weights, "
+          f"step {step})")
     return 0
 
 
 def _eval(args) -> int:
     from pathlib import Path
 
-    from engine.config import apply_overrides, from_dict, load_config, to_dict
+    from engine import build, generate
     from engine.report import save_grid, write_eval_table
-    from engine.trainer import LeapTrainer
 
     if (args.checkpoint is None) == (args.config is None):
-        raise SystemExit("eval needs exactly one of --checkpoint (a trained run) or --config (the base model)")
-    if args.checkpoint:
-        cfg = from_dict(apply_overrides(to_dict(LeapTrainer.config_from_checkpoint(args.checkpoint)), args.overrides))
-    else:
-        cfg = load_config(args.config, args.overrides)
+        raise ValueError("eval needs exactly one of --checkpoint (a trained run) or --config (the base model)")
     if args.n:
-        cfg.eval_size = args.n
-    trainer = LeapTrainer(cfg)
-    _cpu_settings(trainer)
+        args.overrides = [*args.overrides, f"eval_size={args.n}"]
     if args.checkpoint:
-        trainer.load_checkpoint(args.checkpoint)
-    ema = bool(args.checkpoint) and not args.no_ema
-    metrics, images = trainer.evaluate(seed=args.seed, ema=ema)
+        cfg, _, adapter, text, device, step = _load_run(args, need=("model", "prompts", "rewards"))
+    else:
+        from engine.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        device = build.resolve_device(cfg.device)
+        _cpu_settings(device)
+        adapter = build.build_model(cfg.model, device)
+        text = build.source(cfg.model.source).text(cfg.model, adapter, device, build.DTYPES[cfg.model.dtype])
+        step = 0
+    train, test = build.build_prompts(cfg)
+    prompts = build.eval_prompts(cfg, train, test)
+    reward, extra = build.build_rewards(cfg, device)
+    build.check_prompts(prompts, text, reward, *extra.values())
+    m = cfg.model
+    metrics, images = generate.evaluate(adapter, generate.text_condition(adapter, text, m.height, m.width),
+                                        {"reward": reward, **extra}, prompts, m.height, m.width,
+                                        cfg.eval_num_steps, args.seed, cfg.judge)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_grid(images[: cfg.samples], out / "eval_grid.png")
-    what = f"{args.checkpoint or args.config} ({'EMA' if ema else 'raw'} weights, step {trainer.step_count})"
+    save_grid(images[: cfg.samples], out / "eval_grid.png", captions=prompts[: cfg.samples])
+    weights = ("raw" if args.raw else "EMA") if args.checkpoint else "base"
+    what = f"{args.checkpoint or args.config} ({weights} weights, step {step})"
     write_eval_table(metrics, out / "eval.md", what)
     (out / "eval.json").write_text(json.dumps({"source": what, **metrics}, indent=2))
     print((out / "eval.md").read_text())
@@ -95,46 +140,76 @@ def _eval(args) -> int:
 def _export(args) -> int:
     from engine.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out, lora=args.lora, ema=args.ema)
+    out = export_checkpoint(args.checkpoint, args.out, lora=args.lora, ema=args.ema, overrides=args.overrides)
     what = "LoRA weights (FluxPipeline.load_lora_weights)" if args.lora else \
         "transformer folder (FluxTransformer2DModel.from_pretrained)"
     print(f"wrote {what} to {out}")
     return 0
 
 
+def _config_help() -> str:
+    from engine.config import SECTIONS, TrainConfig
+    import dataclasses
+
+    top = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in SECTIONS]
+    lines = ["config keys (YAML, or key=value overrides; nested with dots, e.g. optim.lr=1e-5):"]
+    for name, cls in SECTIONS.items():
+        lines.append(f"  {name}.{{{', '.join(f.name for f in dataclasses.fields(cls))}}}")
+    lines.append(f"  {', '.join(top)}")
+    lines.append("documented in engine/config.py (run settings) and engine/params.py (each method's and "
+                 "reward's parameters); method.<name>.<param> sets a method's own parameters, e.g. "
+                 "method.leapalign.alpha=0.1")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="fine-tune with a reward-gradient method")
+    t = sub.add_parser("train", help="fine-tune with a reward-gradient method", epilog=_config_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", default=None, help="YAML config (configs/*.yaml); defaults apply without one")
     t.add_argument("--resume", default=None, help="checkpoint to resume from")
-    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=10 method.params.alpha=0.1")
-    s = sub.add_parser("sample", help="sample images from a checkpoint")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=10 method.leapalign.alpha=0.1")
+    s = sub.add_parser("sample", help="sample images from a checkpoint (EMA weights unless --raw)")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--prompt", action="append", required=True, help="may be repeated")
     s.add_argument("--n", type=int, default=1, help="images per prompt")
     s.add_argument("--seed", type=int, default=1234)
-    s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's T)")
-    s.add_argument("--ema", action="store_true", help="sample with the EMA weights")
-    s.add_argument("--out", default="samples.png")
+    s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's eval_num_steps)")
+    s.add_argument("--ema", action="store_true", help=argparse.SUPPRESS)   # the default; kept for old commands
+    s.add_argument("--raw", action="store_true", help="sample with the raw weights instead of the EMA")
+    s.add_argument("--out", default="samples", help="output folder (samples.png with captions, samples.json)")
+    s.add_argument("overrides", nargs="*", help="key=value, e.g. model.source=PATH for a folder model "
+                                                "(paths stored in a checkpoint are not read)")
     v = sub.add_parser("eval", help="sample the eval prompts and score them with every configured reward "
                                      "(and the world's judge): a table and a grid")
-    v.add_argument("--checkpoint", default=None, help="a run's checkpoint (EMA weights unless --no-ema)")
+    v.add_argument("--checkpoint", default=None, help="a run's checkpoint (EMA weights unless --raw)")
     v.add_argument("--config", default=None, help="or a config: evaluates its untrained base model")
-    v.add_argument("--n", type=int, default=0, help="eval prompts (default: the config's eval_size)")
+    v.add_argument("--n", type=int, default=0, help="eval prompts (default: the run's eval_size)")
     v.add_argument("--seed", type=int, default=1234)
-    v.add_argument("--no-ema", action="store_true", help="evaluate the raw weights")
+    v.add_argument("--raw", "--no-ema", dest="raw", action="store_true", help="evaluate the raw weights")
     v.add_argument("--out", default="eval", help="output folder (eval.md, eval.json, eval_grid.png)")
     v.add_argument("overrides", nargs="*", help="key=value overrides of the run's config, e.g. judge=true")
     e = sub.add_parser("export", help="export a checkpoint's transformer in diffusers' formats")
     e.add_argument("--checkpoint", required=True)
-    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--out", required=True, help="output folder (replaced whole if it exists)")
     e.add_argument("--lora", action="store_true",
                    help="write only the LoRA adapter (for FluxPipeline.load_lora_weights); default: a full "
                         "transformer folder, LoRA fused in")
     e.add_argument("--ema", action="store_true", help="export the EMA weights")
+    e.add_argument("overrides", nargs="*", help="key=value, e.g. model.source=PATH for a folder model")
     args = ap.parse_args(argv)
-    return {"train": _train, "sample": _sample, "eval": _eval, "export": _export}[args.cmd](args)
+    if getattr(args, "n", 1) is not None and args.cmd in ("sample",) and args.n < 1:
+        ap.error(f"--n must be >= 1, got {args.n}")
+    try:
+        return {"train": _train, "sample": _sample, "eval": _eval, "export": _export}[args.cmd](args)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

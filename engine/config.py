@@ -5,11 +5,16 @@ Unknown keys are errors (a typo in a config must not silently train with a defau
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from engine.params import (DECODER_GRANULARITIES, DEFAULT_LAM, DEVICES, DIST_MODES, DTYPES, METHOD_PARAMS, POLICIES,
+                           REWARD_CKPT, DRaFTLVParams, DRTuneParams, FullParams, LeapAlignParams, ReFLParams,
+                           build_dataclass, method_params, method_section, reward_params)
 
 
 @dataclass
@@ -25,7 +30,8 @@ class ModelConfig:
     guidance_scale: float = 3.5       # Flux-dev's distilled guidance embedding
     height: int = 32
     width: int = 32
-    # how the graph-keeping passes keep activations (engine/flux/lean.py): none | full | lean | budget
+    # how the graph-keeping passes keep activations (engine/flux/lean.py): none | full | lean | budget,
+    # or diffusers (its own enable_gradient_checkpointing, the baseline the benches compare with)
     policy: str = "none"
     budget_gib: float = 0.0           # policy=budget: bound on the blocks' saved activations
     checkpoint_reward: bool = True    # VAE decoder recomputed in the backward
@@ -39,22 +45,34 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     name: str = "leapalign"           # leapalign | refl | draft-lv | drtune | full
-    params: dict = field(default_factory=dict)
+    # relu(lam - r) for every method: stop pushing a sample once its reward passes lam. Calibrate
+    # on real good images (HPSv2.1: 0.55, near their scores); configs/world.yaml shows how.
+    lam: float = DEFAULT_LAM
+    # each method's own parameters (engine/params.py); only the named method's section is used,
+    # so switching `name` never carries one method's parameters into another
+    leapalign: LeapAlignParams = field(default_factory=LeapAlignParams)
+    refl: ReFLParams = field(default_factory=ReFLParams)
+    draft_lv: DRaFTLVParams = field(default_factory=DRaFTLVParams)
+    drtune: DRTuneParams = field(default_factory=DRTuneParams)
+    full: FullParams = field(default_factory=FullParams)
 
 
 @dataclass
 class RewardConfig:
-    name: str = "colour"
-    params: dict = field(default_factory=dict)
+    name: str = "colour"              # engine.params.REWARD_PARAMS
+    params: dict = field(default_factory=dict)   # that reward's parameters (typed in engine/params.py)
+
+    def typed(self):
+        return reward_params(self.name, self.params)
 
 
 @dataclass
 class OptimConfig:
     lr: float = 1e-5
     weight_decay: float = 1e-4
-    betas: tuple = (0.9, 0.999)
+    betas: typing.Tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: typing.Optional[float] = 1.0   # max global gradient norm; null (or false) = no clipping
     ema_decay: float = 0.995
 
 
@@ -64,7 +82,7 @@ class LoraConfig:
     rank: int = 64
     alpha: float = 64.0
     # diffusers' Flux attention and MLP linears (double and single blocks)
-    targets: list = field(default_factory=lambda: [
+    targets: typing.List[str] = field(default_factory=lambda: [
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
         "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"])
 
@@ -76,8 +94,8 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    prompts: list = field(default_factory=lambda: ["a red square"])
-    eval_prompts: list = field(default_factory=list)   # empty: the test split, else the training prompts
+    prompts: typing.List[str] = field(default_factory=lambda: ["a red square"])
+    eval_prompts: typing.List[str] = field(default_factory=list)   # empty: the test split, else the training prompts
     # .txt (one per line, # comments) or HPDv2 .json, or "world" (the world's train / test split);
     # replaces prompts
     prompt_file: str = ""
@@ -86,6 +104,7 @@ class TrainConfig:
     steps: int = 100
     batch_size: int = 1
     num_steps: int = 25               # T, sampling steps of the rollout
+    eval_num_steps: int = 50          # T of the evaluation samples (the paper evaluates with 50)
     seed: int = 0
     device: str = "auto"              # auto | cpu | cuda
     output_dir: str = "runs/default"
@@ -94,86 +113,100 @@ class TrainConfig:
     eval_size: int = 0                # eval prompts scored before / after (0: the grid's `samples`)
     judge: bool = False               # also score eval samples with the world's judge (world prompts)
     # more rewards to score eval samples with, each {name: ..., params: {...}} like `reward`
-    eval_rewards: list = field(default_factory=list)
+    eval_rewards: typing.List[dict] = field(default_factory=list)
     # data parallel under torchrun: none | ddp | fsdp (FSDP2, full fine-tuning or LoRA). batch_size
     # is per rank and micro-step: one update averages batch_size * grad_accum * world_size samples
     distributed: str = "none"
+    distributed_timeout_s: float = 600.0   # a collective waiting longer than this ends the job
     grad_accum: int = 1               # micro-steps whose gradients add up to one update
     tensorboard: bool = False         # also log to <output_dir>/tb (needs the tensorboard package)
 
     def validate(self) -> "TrainConfig":
+        """Every check that needs no model: run at load time, before the heavy imports."""
+        def one_of(name, value, valid):
+            if value not in valid:
+                raise ValueError(f"{name} must be one of {list(valid)}, got {value!r}")
+
+        def at_least(name, value, low):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+
+        def finite(name, value, low=None, open_low=False):
+            if not math.isfinite(value) or (low is not None and (value <= low if open_low else value < low)):
+                bound = "" if low is None else f" and {'>' if open_low else '>='} {low}"
+                raise ValueError(f"{name} must be finite{bound}, got {value}")
+
+        m, o = self.model, self.optim
         if self.num_steps < 2:
             raise ValueError(f"num_steps (T) must be >= 2 so that k != j, got {self.num_steps}")
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        at_least("eval_num_steps", self.eval_num_steps, 1)
+        for name in ("steps", "batch_size", "samples", "grad_accum"):
+            at_least(name, getattr(self, name), 1)
+        for name in ("eval_size", "checkpoint_every"):
+            at_least(name, getattr(self, name), 0)
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must lie in [0, 2**63), got {self.seed}")
         if not self.prompts and not self.prompt_file:
             raise ValueError("prompts must not be empty")
+        for i, p in enumerate([*self.prompts, *self.eval_prompts]):
+            if not p.strip():
+                raise ValueError(f"prompts must not be blank, got {p!r}")
         if not 0.0 <= self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must lie in [0, 1), got {self.test_fraction}")
-        if self.model.reward_ckpt not in ("auto", "resnet", "block", "diffusers"):
-            raise ValueError(f"model.reward_ckpt must be auto, resnet, block or diffusers, got {self.model.reward_ckpt!r}")
-        if self.model.transformer_file and self.model.source in ("tiny", "world"):
+        if self.test_fraction > 0 and not self.prompt_file:
+            raise ValueError("test_fraction splits prompt_file, but prompt_file is not set")
+        one_of("model.reward_ckpt", m.reward_ckpt, REWARD_CKPT)
+        one_of("model.dtype", m.dtype, DTYPES)
+        one_of("model.policy", m.policy, POLICIES)
+        one_of("device", self.device, DEVICES)
+        one_of("distributed", self.distributed, DIST_MODES)
+        if m.transformer_file and m.source in ("tiny", "world"):
             raise ValueError("model.transformer_file needs model.source to be a local diffusers folder "
                              "(for transformer/config.json, the VAE and the text encoders)")
-        if self.eval_size < 0:
-            raise ValueError(f"eval_size must be >= 0, got {self.eval_size}")
+        if m.policy == "budget" and not m.budget_gib > 0:
+            raise ValueError(f"model.policy=budget needs model.budget_gib > 0, got {m.budget_gib}")
+        for name in ("height", "width"):
+            at_least(f"model.{name}", getattr(m, name), 1)
+        finite("model.guidance_scale", m.guidance_scale)
+        finite("optim.lr", o.lr, 0.0, open_low=True)
+        if o.lr > 1.0:
+            raise ValueError(f"optim.lr must lie in (0, 1] (AdamW), got {o.lr}")
+        finite("optim.weight_decay", o.weight_decay, 0.0)
+        if o.lr * o.weight_decay > 1.0:
+            raise ValueError(f"optim.lr * optim.weight_decay must be <= 1 (the decay would flip the weights' sign), "
+                             f"got {o.lr} * {o.weight_decay}")
+        finite("optim.eps", o.eps, 0.0, open_low=True)
+        for i, b in enumerate(o.betas):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"optim.betas[{i}] must lie in [0, 1), got {b}")
+        if o.grad_clip is not None:
+            finite("optim.grad_clip", o.grad_clip, 0.0, open_low=True)
+        if not 0.0 <= o.ema_decay < 1.0:
+            raise ValueError(f"optim.ema_decay must lie in [0, 1), got {o.ema_decay}")
+        at_least("lora.rank", self.lora.rank, 1)
+        finite("lora.alpha", self.lora.alpha, 0.0, open_low=True)
+        finite("distributed_timeout_s", self.distributed_timeout_s, 0.0, open_low=True)
+        method_params(self.method.name, getattr(self.method, method_section(self.method.name)))
+        finite("method.lam", self.method.lam)
+        self.reward.typed()
         for i, r in enumerate(self.eval_rewards):
             if not isinstance(r, dict) or "name" not in r or set(r) - {"name", "params"}:
                 raise ValueError(f"eval_rewards[{i}] must be a mapping with 'name' and optional 'params', got {r!r}")
-        if self.test_fraction > 0 and not self.prompt_file:
-            raise ValueError("test_fraction splits prompt_file, but prompt_file is not set")
-        if self.model.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"model.dtype must be float32 or bfloat16, got {self.model.dtype!r}")
-        if self.model.policy not in ("none", "full", "lean", "budget"):
-            raise ValueError(f"model.policy must be none, full, lean or budget, got {self.model.policy!r}")
-        if self.model.policy == "budget" and not self.model.budget_gib > 0:
-            raise ValueError(f"model.policy=budget needs model.budget_gib > 0, got {self.model.budget_gib}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if not 0.0 <= self.optim.ema_decay < 1.0:
-            raise ValueError(f"optim.ema_decay must lie in [0, 1), got {self.optim.ema_decay}")
-        if self.distributed not in ("none", "ddp", "fsdp"):
-            raise ValueError(f"distributed must be none, ddp or fsdp, got {self.distributed!r}")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+            reward_params(r["name"], r.get("params") or {}, f"eval_rewards[{i}].params.")
         return self
 
 
-def _build(cls, data: dict, where: str):
-    if not isinstance(data, dict):
-        raise ValueError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {[f'{where}{u}' for u in unknown]}; valid: {sorted(names)}")
-    kwargs = {}
-    for key, value in data.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, f"{where}{key}.")
-        else:
-            kwargs[key] = _coerce(value, hint, f"{where}{key}")
-    return cls(**kwargs)
+SECTIONS = {"model": ModelConfig, "method": MethodConfig, "reward": RewardConfig, "optim": OptimConfig,
+            "lora": LoraConfig}
 
 
-def _coerce(value, hint, name: str):
-    """Check a value against its field's type. YAML 1.1 reads '1e-3' as a string, so float
-    fields also take numbers written that way."""
-    bad = ValueError(f"config key {name} must be of type {hint.__name__}, got {value!r}")
-    if isinstance(value, bool) and hint is not bool:
-        raise bad
-    if hint is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise bad from None
-    if hint is tuple and isinstance(value, list):
-        return tuple(value)
-    if not isinstance(value, hint):
-        raise bad
-    return value
+def _legacy(data: dict) -> dict:
+    method = data.get("method")
+    if isinstance(method, dict) and "params" in method:
+        name = method.get("name", "leapalign")
+        raise ValueError(f"method.params was replaced by per-method sections: write its keys under "
+                         f"method.{method_section(str(name))} (and lam as method.lam)")
+    return data
 
 
 def _parse_value(text: str):
@@ -203,7 +236,9 @@ def to_dict(cfg) -> dict:
 
 
 def from_dict(data: dict) -> TrainConfig:
-    return _build(TrainConfig, data, "").validate()
+    if not isinstance(data, dict):
+        raise ValueError(f"a config must be a mapping of keys, got {type(data).__name__}")
+    return build_dataclass(TrainConfig, _legacy(data), "").validate()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
@@ -212,5 +247,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     return from_dict(apply_overrides(data, list(overrides)))

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-MODES = ("none", "ddp", "fsdp")
+from engine.params import DIST_MODES as MODES  # noqa: E402
 
 
 def is_dtensor(t) -> bool:
@@ -132,9 +132,11 @@ class Dist:
             self.owns_group = False
 
 
-def setup(mode: str, device: torch.device) -> Dist:
+def setup(mode: str, device: torch.device, timeout_s: float = 600.0) -> Dist:
     """Join the torchrun job (WORLD_SIZE / RANK / LOCAL_RANK, MASTER_ADDR / MASTER_PORT from
-    the environment) or an already initialised process group; nccl on CUDA, gloo on CPU."""
+    the environment) or an already initialised process group; nccl on CUDA, gloo on CPU. A
+    collective that waits longer than ``timeout_s`` (a rank hung or died) fails the job instead
+    of waiting for the backends' 30-minute default."""
     if mode not in MODES:
         raise ValueError(f"distributed must be one of {MODES}, got {mode!r}")
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -150,7 +152,10 @@ def setup(mode: str, device: torch.device) -> Dist:
             return Dist(mode)
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        import datetime
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=float(timeout_s)))
         owns = True
     local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
     return Dist(mode, dist.get_world_size(), dist.get_rank(), local_rank, owns)

@@ -12,13 +12,11 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
-import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["has_lora", "export_lora", "export_transformer", "export_checkpoint"]
+__all__ = ["has_lora", "export_lora", "export_transformer", "export_checkpoint", "write_folder"]
 
 
 def has_lora(transformer: torch.nn.Module) -> bool:
@@ -56,38 +54,54 @@ def export_transformer(transformer: torch.nn.Module, out_dir: str | Path) -> Pat
     return out_dir
 
 
-class _NoTextEncoder:
-    def encode(self, prompts):
-        raise RuntimeError("export builds the model without text encoders")
+def write_folder(out_dir: str | Path, write) -> Path:
+    """``write(folder)`` into a fresh temporary folder beside ``out_dir``, then renamed into place:
+    a folder left by an earlier export is replaced whole (no stale shards or index survive), a
+    crash leaves the old one intact, and nothing is written through a link already in the target.
+    A target that is a file or a symbolic link is refused."""
+    import os
+    import shutil
+    import tempfile
+
+    out = Path(out_dir)
+    if out.is_symlink():
+        raise ValueError(f"export target {out} is a symbolic link; give a real folder path")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"export target {out} exists and is a file, not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        write(tmp)
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.rmdir(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, lora: bool = False, ema: bool = False) -> Path:
-    """Load a training checkpoint (validated as for resuming) and export its transformer: the LoRA
-    adapter (``lora=True``) or the whole model; ``ema=True`` exports the EMA weights."""
-    from engine.flux.adapter import FluxAdapter
-    from engine.flux.tiny import build_tiny_flux
-    from engine.trainer import DTYPES, LeapTrainer
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, lora: bool = False, ema: bool = False,
+                      overrides: list[str] = ()) -> Path:
+    """Export a training checkpoint's transformer, without building a trainer: the model is built
+    as the run built it (``engine.build.build_trainable``), the checkpoint validated and loaded
+    into it; then the LoRA adapter (``lora=True``) or the whole model (``ema``: the EMA weights)
+    is written to ``out_dir`` (``write_folder``). Paths stored in the checkpoint are not read: a
+    folder model's ``model.source`` comes from ``overrides``."""
+    from engine import build
+    from engine import checkpoint as ckpt
 
-    cfg = LeapTrainer.config_from_checkpoint(checkpoint)
+    cfg, _ = ckpt.read_config(checkpoint, list(overrides), need=("model",))
     if lora and not cfg.lora.enabled:
         raise ValueError(f"checkpoint {checkpoint} was trained without LoRA (lora.enabled=false); "
                          f"export the full model instead (drop --lora)")
-    # only the transformer is needed: no prompts, no cache, no text encoders, VAE or reward model
-    cfg = dataclasses.replace(cfg, prompt_file="", test_fraction=0.0, embed_cache_dir="", prompts=["-"],
-                              eval_prompts=[], model=dataclasses.replace(cfg.model, policy="none"))
-    m = cfg.model
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-    cfg = dataclasses.replace(cfg, device=device.type)
-    if m.source == "tiny":
-        adapter = build_tiny_flux(m.seed, DTYPES[m.dtype], device, m.guidance_scale)
-    else:
-        adapter = FluxAdapter.from_pretrained(m.source, DTYPES[m.dtype], device, m.guidance_scale, load_vae=False)
-    trainer = LeapTrainer(cfg, adapter=adapter, text_encoder=_NoTextEncoder(), reward=torch.nn.Identity())
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*another prompt list.*")
-        trainer.load_checkpoint(checkpoint)
-    write = export_lora if lora else export_transformer
-    if ema:
-        with trainer.ema_weights():
-            return write(trainer.transformer, out_dir)
-    return write(trainer.transformer, out_dir)
+    adapter = build.build_trainable(cfg, device, load_vae=False)
+    ckpt.load_weights(checkpoint, adapter.transformer, ema=ema)
+    writer = export_lora if lora else export_transformer
+    return write_folder(out_dir, lambda folder: writer(adapter.transformer, folder))

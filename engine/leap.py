@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from engine.params import DEFAULT_LAM
 from engine.schedule import check_step_pair, euler_step
 from kernels.leap_connect import leap_connect  # leap + connector + alpha discount + L1 distance, fused
 
@@ -63,7 +64,7 @@ def leapalign(
     k: int,
     j: int,
     alpha: float = 0.3,
-    lam: float = 0.55,
+    lam: float = DEFAULT_LAM,
     tau: float = 0.1,
     weighting: bool = True,
 ) -> EstimatorOutput:

@@ -13,7 +13,9 @@ from dataclasses import dataclass, fields
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from engine.leap import EstimatorOutput, Reward, Velocity, check_hparams, check_sigmas, leapalign, reward_loss
+from engine.leap import EstimatorOutput, Reward, Velocity, check_sigmas, leapalign, reward_loss
+from engine.params import (DEFAULT_LAM, METHOD_PARAMS, DRaFTLVParams, DRTuneParams, FullParams, LeapAlignParams,
+                           ReFLParams, method_params, method_section)
 from engine.schedule import euler_step, sample_step_pair
 
 
@@ -36,12 +38,8 @@ def _check_reward(r: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 @dataclass
-class LeapAlign:
-    alpha: float = 0.3
-    lam: float = 0.55
-    tau: float = 0.1
-    weighting: bool = True
-    pair_window: int = 0          # 0: (k, j) uniform over all T steps; m > 0: both within the last m
+class LeapAlign(LeapAlignParams):
+    lam: float = DEFAULT_LAM
 
     def draw(self, T: int, generator: torch.Generator, x1: torch.Tensor) -> dict:
         if self.pair_window:
@@ -58,11 +56,10 @@ class LeapAlign:
 
 
 @dataclass
-class ReFL:
+class ReFL(ReFLParams):
     """Stop at a step t drawn from the last m, one step with gradient, reward on xhat_0."""
 
-    lam: float = 0.55
-    last_m: int = 11
+    lam: float = DEFAULT_LAM
 
     def draw(self, T, generator, x1) -> dict:
         return {"t": _last_steps(T, min(self.last_m, T), generator)}
@@ -83,11 +80,10 @@ class ReFL:
 
 
 @dataclass
-class DRaFTLV:
+class DRaFTLV(DRaFTLVParams):
     """Full no-grad rollout; re-noise x_0 n times at the last sigma and take one graded step."""
 
-    lam: float = 0.55
-    n: int = 2
+    lam: float = DEFAULT_LAM
 
     def draw(self, T, generator, x1) -> dict:
         if self.n < 1:
@@ -114,12 +110,10 @@ class DRaFTLV:
 
 
 @dataclass
-class DRTune:
+class DRTune(DRTuneParams):
     """Model inputs detached at every step; K evenly spaced steps keep gradient; early stop."""
 
-    lam: float = 0.55
-    K: int = 2
-    last_m: int = 11
+    lam: float = DEFAULT_LAM
 
     def draw(self, T, generator, x1) -> dict:
         if self.K < 1:
@@ -154,11 +148,10 @@ class DRTune:
 
 
 @dataclass
-class FullBackprop:
+class FullBackprop(FullParams):
     """Backprop through the whole trajectory; each step checkpointed (keeps only step inputs)."""
 
-    lam: float = 0.55
-    checkpointing: bool = True
+    lam: float = DEFAULT_LAM
 
     def draw(self, T, generator, x1) -> dict:
         return {}
@@ -178,10 +171,12 @@ class FullBackprop:
 
 
 METHODS = {"leapalign": LeapAlign, "refl": ReFL, "draft-lv": DRaFTLV, "drtune": DRTune, "full": FullBackprop}
+assert set(METHODS) == set(METHOD_PARAMS)
 
 
 def make_method(name: str, **params):
-    """Build a method by name; unknown names or parameters are errors naming them."""
+    """Build a method by name; unknown names or parameters, or values out of range, are errors
+    naming them."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
     cls = METHODS[name]
@@ -190,7 +185,12 @@ def make_method(name: str, **params):
     if bad:
         raise ValueError(f"method {name!r} has no parameter(s) {bad}; it takes {sorted(allowed)}")
     m = cls(**params)
-    if isinstance(m, LeapAlign):
-        check_hparams(m.alpha, m.tau)
+    m.check()
     _check_lam(m.lam)
     return m
+
+
+def method_from_config(cfg) -> object:
+    """The method a ``MethodConfig`` names, with its section's parameters and the shared lam."""
+    p = method_params(cfg.name, getattr(cfg, method_section(cfg.name)))
+    return make_method(cfg.name, lam=cfg.lam, **{f.name: getattr(p, f.name) for f in fields(p)})

@@ -8,20 +8,38 @@ import numpy as np
 import torch
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
-    """(B, 3, H, W) images in [0, 1] -> one PNG, nrow images per row."""
-    from PIL import Image
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
+              captions: list[str] | None = None) -> None:
+    """(B, 3, H, W) images in [0, 1] -> one PNG, nrow images per row; with ``captions`` each tile
+    has its prompt written under it (small images are enlarged so the text fits)."""
+    import math
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
 
     imgs = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     b, _, h, w = imgs.shape
+    if captions is not None and len(captions) != b:
+        raise ValueError(f"{len(captions)} captions for {b} images")
+    scale = max(1, math.ceil(128 / w)) if captions else 1
+    h, w = h * scale, w * scale
+    font = ImageFont.load_default() if captions else None
+    chars = max(8, w // 6)
+    lines = [textwrap.wrap(c, chars)[:4] or [""] for c in captions] if captions else [[] for _ in range(b)]
+    cap_h = (11 * max(len(x) for x in lines) + 4) if captions else 0
     nrow = nrow or min(b, 8)
     rows = (b + nrow - 1) // nrow
-    grid = torch.zeros(3, rows * (h + 2) + 2, nrow * (w + 2) + 2, dtype=torch.uint8)
+    grid = Image.new("RGB", (nrow * (w + 2) + 2, rows * (h + cap_h + 2) + 2), (0, 0, 0))
+    draw = ImageDraw.Draw(grid)
     for i in range(b):
         r, c = divmod(i, nrow)
-        grid[:, 2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = imgs[i]
+        x0, y0 = 2 + c * (w + 2), 2 + r * (h + cap_h + 2)
+        tile = Image.fromarray(imgs[i].permute(1, 2, 0).numpy())
+        grid.paste(tile.resize((w, h), Image.NEAREST) if scale > 1 else tile, (x0, y0))
+        for k, line in enumerate(lines[i]):
+            draw.text((x0 + 2, y0 + h + 2 + 11 * k), line, fill=(230, 230, 230), font=font)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    grid.save(path)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -19,7 +19,16 @@ def flux_sigmas(
 
     Driven through diffusers' own scheduler, the way FluxPipeline drives it (linspace(1, 1/T, T)
     and the resolution-dependent mu), so a rollout here reproduces the pipeline bit for bit.
+    Always a real CPU tensor, also when called under FakeTensorMode (a model sized on fake
+    tensors still steps with real sigmas, read as Python floats).
     """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return _flux_sigmas(num_steps, image_seq_len, base_seq_len, max_seq_len, base_shift, max_shift)
+
+
+def _flux_sigmas(num_steps, image_seq_len, base_seq_len, max_seq_len, base_shift, max_shift) -> torch.Tensor:
     if num_steps < 2:
         raise ValueError(f"need at least 2 sampling steps (k and j must differ), got T={num_steps}")
     if image_seq_len < 1:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import hashlib
 import json
 import math
@@ -21,21 +20,16 @@ from pathlib import Path
 import torch
 import yaml
 
+from engine import build, distributed, generate
 from engine import checkpoint as ckpt
-from engine import distributed
 from engine.config import TrainConfig, from_dict, to_dict
 from engine.flux.adapter import FluxAdapter
-from engine.flux.embed_cache import CachedTextEncoder, encoder_identity, pipeline_encoder_id
-from engine.flux.lean import apply_policy, block_inputs
-from engine.flux.text import PipelineTextEncoder
-from engine.flux.tiny import HashTextEncoder, build_tiny_flux
-from engine.methods import make_method
-from engine.prompts import load_prompt_split
+from engine.methods import method_from_config
 from engine.report import plot_reward_curve, save_grid
-from engine.rewards import build_reward
+from engine.rundir import RunDir
 from engine.schedule import flux_sigmas
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = build.DTYPES
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -47,112 +41,45 @@ def _peak_memory_bytes(device: torch.device) -> int:
 class LeapTrainer:
     """Fine-tunes a Flux transformer with a reward-gradient method (LeapAlign by default).
 
-    ``LeapTrainer(cfg)`` builds everything from the config; ``adapter``, ``text_encoder`` and
-    ``reward`` may be passed in to train other models with the same loop.
+    ``LeapTrainer(cfg)`` builds everything from the config through ``engine.build``, in the order
+    documented there; ``adapter``, ``text_encoder`` and ``reward`` may be passed in to train
+    other models with the same loop.
     """
 
     def __init__(self, cfg: TrainConfig, adapter: FluxAdapter | None = None, text_encoder=None, reward=None):
-        self.cfg = cfg.validate()
-        if cfg.device == "auto":
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            if cfg.device == "cuda" and not torch.cuda.is_available():
-                raise RuntimeError("device=cuda was asked for, but torch sees no CUDA device")
-            self.device = torch.device(cfg.device)
-        self.dist = distributed.setup(cfg.distributed, self.device)
+        self.cfg = cfg = cfg.validate()
+        m = cfg.model
+        self.device = build.resolve_device(cfg.device)
+        self.dist = distributed.setup(cfg.distributed, self.device, timeout_s=cfg.distributed_timeout_s)
         if self.dist.active and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        dtype = DTYPES[cfg.model.dtype]
-        m = cfg.model
-        if adapter is None:
-            if m.source == "tiny":
-                adapter = build_tiny_flux(m.seed, dtype, self.device, m.guidance_scale)
-            elif m.source == "world":
-                from engine.world.model import load_world_flux
-
-                adapter = load_world_flux(self.device, dtype, m.guidance_scale)
-            else:
-                adapter = FluxAdapter.from_pretrained(m.source, dtype, self.device, m.guidance_scale,
-                                                      transformer_file=m.transformer_file or None)
-        self.adapter = adapter
-        # training prompts and the held-out ones (prompt_file, when set, replaces cfg.prompts)
-        if cfg.prompt_file == "world":
-            from engine.world.prompts import split
-
-            world = split()
-            self.prompts, self.test_prompts = list(world.train), list(world.test)
-        elif cfg.prompt_file:
-            self.prompts, self.test_prompts = load_prompt_split(cfg.prompt_file, cfg.test_fraction, cfg.seed)
-        else:
-            self.prompts, self.test_prompts = list(cfg.prompts), []
-        encoder_id = None
-        if text_encoder is None:
-            tc = adapter.transformer.config
-            if m.source == "tiny":
-                text_encoder = HashTextEncoder(tc.joint_attention_dim, tc.pooled_projection_dim, seed=m.seed)
-            elif m.source == "world":
-                from engine.world.text import MiniLMTextEncoder
-
-                text_encoder = MiniLMTextEncoder(device=self.device)
-            elif cfg.embed_cache_dir:   # built only on a cache miss, dropped after the precompute
-                text_encoder = functools.partial(PipelineTextEncoder, m.source, dtype, self.device)
-                encoder_id = pipeline_encoder_id(m.source, 512, dtype)
-            else:
-                text_encoder = PipelineTextEncoder(m.source, dtype, self.device)
-        if cfg.embed_cache_dir:
-            text_encoder = CachedTextEncoder(text_encoder, cfg.embed_cache_dir,
-                                             encoder_id or encoder_identity(text_encoder))
-            with self.dist.main_first():   # the other ranks then only read the files rank 0 wrote
-                text_encoder.precompute(self.prompts + self.eval_prompts(), progress=self.dist.main)
-            text_encoder.release()
-        self.text_encoder = text_encoder
-        reward = reward if reward is not None else build_reward(cfg.reward.name, **cfg.reward.params)
-        self.reward_model = reward.requires_grad_(False).eval().to(self.device)
-        self.eval_rewards = {f"reward_{r['name']}": build_reward(r["name"], **r.get("params", {})).to(self.device)
-                             for r in cfg.eval_rewards}
-        if m.checkpoint_reward and adapter.vae is not None:
-            # Exact recomputation of the frozen decoder (engine/flux/vae.py): at 1024^2 on Flux's
-            # VAE the decode + reward backward peaks at 2.36 GiB ("auto") against 6.09 GiB with
-            # diffusers' per-block checkpointing and 11.37 GiB plain, for ~0.7 extra decoder
-            # forwards. One checkpoint around decode + reward would rebuild the whole graph in
-            # backward and leave the peak where it was.
-            if m.reward_ckpt == "diffusers":
-                adapter.vae.enable_gradient_checkpointing()
-            else:
-                from engine.flux.vae import checkpoint_decoder
-
-                checkpoint_decoder(adapter.vae, m.reward_ckpt)
-        self.method = make_method(cfg.method.name, **cfg.method.params)
+        self.adapter = adapter = adapter or build.build_model(m, self.device)
+        build.check_image_size(adapter, m.height, m.width)
+        self.prompts, self.test_prompts = build.build_prompts(cfg)
+        self.eval_set = build.eval_prompts(cfg, self.prompts, self.test_prompts)
+        self.text_encoder = text_encoder or build.build_text_encoder(cfg, adapter, self.device,
+                                                                     self.prompts + self.eval_set, self.dist)
+        built, self.eval_rewards = build.build_rewards(cfg, self.device, training=reward is None)
+        self.reward_model = (reward if reward is not None else built).requires_grad_(False).eval().to(self.device)
+        build.check_prompts(self.prompts + self.eval_set, self.text_encoder, self.reward_model,
+                            *self.eval_rewards.values())
+        self.method = method_from_config(cfg.method)
 
         self.transformer = adapter.transformer
-        if cfg.lora.enabled:
-            from peft import LoraConfig as PeftLoraConfig
-
-            self.transformer.requires_grad_(False)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)   # LoRA init from the run seed, not the global RNG
-                self.transformer.add_adapter(PeftLoraConfig(
-                    r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, target_modules=list(cfg.lora.targets)))
-        else:
-            self.transformer.requires_grad_(True)
+        build.apply_decoder_checkpointing(adapter, m)
+        build.apply_lora(self.transformer, cfg.lora, cfg.seed)
         self.transformer.train()
-        self.policy = self._apply_policy()
-        if m.compile:
-            # after the policy swap, so the lean / checkpointed forwards are what gets compiled;
-            # the Triton and CUDA ops are custom ops with fake kernels, so dynamo traces through them
-            self.transformer.compile_repeated_blocks(backend=m.compile, dynamic=False)
-        # FSDP2 swaps the parameters for sharded DTensors in place, so params, the optimizer and
-        # the EMA are made after it (and the EMA is sharded like its parameter)
-        self.model = self.dist.wrap(self.transformer, self.device)
+        text_tokens = self.text_encoder.encode(self.prompts[:1])[0].shape[1] if m.policy == "budget" else 0
+        self.policy = build.apply_policy(self.transformer, m, cfg.batch_size, text_tokens, adapter)
+        build.apply_compile(self.transformer, m.compile)
+        self.model = build.apply_parallel(self.transformer, self.dist, self.device)
         if self.model is not self.transformer:
             # a shallow copy whose forwards go through the DDP wrapper; sampling keeps the plain one
             self._train_adapter = copy.copy(adapter)
             self._train_adapter.transformer = self.model
         else:
             self._train_adapter = adapter
-        self.params = {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
-        if not self.params:
-            raise ValueError("no trainable parameters (check lora.targets)")
+        self.params = build.trainable_parameters(self.transformer)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=o.lr, betas=tuple(o.betas),
                                            eps=o.eps, weight_decay=o.weight_decay)
@@ -160,29 +87,25 @@ class LeapTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step_count = 0
         self.skipped = 0
-        H, W = cfg.model.height, cfg.model.width
-        self.sigmas = flux_sigmas(cfg.num_steps, adapter.image_seq_len(H, W))
+        self.sigmas = flux_sigmas(cfg.num_steps, adapter.image_seq_len(m.height, m.width))
         self._embeds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    # ------------------------------------------------------------------ pieces
-    def _apply_policy(self) -> dict:
-        m = self.cfg.model
-        kw = {}
-        if m.policy == "budget":
-            h, w = self.adapter.latent_size(m.height, m.width)
-            txt = self.text_encoder.encode(self.prompts[:1])[0].shape[1]
-            kw = dict(budget_bytes=int(m.budget_gib * 2**30),
-                      inputs=block_inputs(self.transformer, self.cfg.batch_size, txt, (h // 2, w // 2)))
-        return apply_policy(self.transformer, m.policy, **kw)
+    def describe(self) -> str:
+        """What will run: device, method, trainable size, parallelism, block policy, backends."""
+        cfg, d = self.cfg, self.dist
+        return (f"device: {self.device}; method: {cfg.method.name} {self.method}; trainable parameters: "
+                f"{sum(p.numel() for p in self.params.values()):,}"
+                f"{f' (LoRA r{cfg.lora.rank})' if cfg.lora.enabled else ''}; {d.world} process(es) "
+                f"({cfg.distributed}), global batch {self.global_batch} = {cfg.batch_size} x {cfg.grad_accum} "
+                f"micro-steps x {d.world}\n{build.describe_backends(self.device, cfg.model.policy, self.policy)}")
 
-    def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    # ------------------------------------------------------------------ pieces
+    def autocast(self):
+        return generate.autocast(self.device)
 
     EMBED_CACHE = 1024   # prompts whose embeddings are kept (on the CPU; T5's are ~4 MB each)
 
-    def _condition(self, prompts: list[str]):
+    def condition(self, prompts: list[str]):
         """Prompt embeddings, computed once per prompt and kept (the encoders never train)."""
         for p in dict.fromkeys(prompts):      # mark this batch's hits as most recent
             if p in self._embeds:
@@ -232,10 +155,10 @@ class LeapTrainer:
             piece = d.rank * A + m
             sl = slice(piece * B, (piece + 1) * B)
             prompts = [self.prompts[i] for i in idx[sl]]
-            cond = self._condition(prompts)
+            cond = self.condition(prompts)
             choices = distributed.take(choices_all, x1_all.shape, sl)
             with d.accumulating(self.model, last=m == A - 1):
-                with self._autocast():
+                with self.autocast():
                     out = self.method.loss(self._train_adapter.velocity_fn(cond), self.reward_fn(prompts),
                                            x1_all[sl], self.sigmas, **choices)
                 loss_val, reward_val = float(out.loss.detach()), out.reward.float().cpu()
@@ -253,14 +176,16 @@ class LeapTrainer:
                 (out.loss / A if A > 1 else out.loss).backward()
         metrics = {"step": self.step_count + 1, **self._reduce(losses, rewards, per_sample)}
         if bad is None:
-            gn = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.optim.grad_clip)
+            clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
+            gn = torch.nn.utils.clip_grad_norm_(list(self.params.values()), clip)
             gn = float(gn.full_tensor() if distributed.is_dtensor(gn) else gn)   # FSDP2: the global norm
             metrics["grad_norm"] = gn
             if not math.isfinite(gn):
                 bad = f"non-finite gradient norm {gn}"
+            elif min(gn, clip) > self.MAX_UPDATE_NORM:
+                bad = f"gradient norm {gn:.3g} would overflow AdamW's state (set optim.grad_clip)"
         if bad is None:
-            self.optimizer.step()
-            self._ema_update()
+            self._update()
         else:
             self.skipped += 1
             if d.main:
@@ -273,6 +198,28 @@ class LeapTrainer:
         metrics.update(skipped_step=bad is not None, skipped_total=self.skipped, model_calls=calls,
                        step_time_s=step_time, peak_mem_bytes=int(peak))
         return metrics
+
+    # the post-clip gradient norm above which AdamW's second moment (g^2, in at most float32
+    # range) could overflow; with lr <= 1 and lr * weight_decay <= 1 (config checks) that is the
+    # one way a finite gradient can make the state non-finite, so such a step is skipped whole
+    MAX_UPDATE_NORM = 1e18
+
+    def _update(self) -> None:
+        """AdamW's step, then a check that weights and optimizer state are finite (on every rank).
+        ``step`` has already skipped every update that could overflow them, so a failure here is
+        a bug or a hardware fault: the run stops before anything is saved, and the last
+        checkpoint stays the last good state."""
+        self.optimizer.step()
+        tensors = [*self.params.values(), *(v for st in self.optimizer.state.values() for v in st.values()
+                                            if torch.is_tensor(v) and v.is_floating_point())]
+        local = [t.to_local() if distributed.is_dtensor(t) else t for t in tensors]   # FSDP2: this rank's shard
+        bad = not bool(torch.stack([torch.isfinite(t).all() for t in local]).all())   # one device sync
+        if self.dist.active:
+            bad = bool(self.dist.all_reduce([float(bad)], "max")[0])
+        if bad:
+            raise RuntimeError(f"step {self.step_count + 1}: the update made weights or optimizer state non-finite; "
+                               f"stopped without saving (the last checkpoint is the last good state)")
+        self._ema_update()
 
     def _nonfinite(self, loss_val: float, reward_val: torch.Tensor) -> str | None:
         """Why this micro-step must not update, on this rank or any other (all ranks agree)."""
@@ -318,121 +265,59 @@ class LeapTrainer:
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int = 1234, num_steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, 3, H, W) in [0, 1] and their rewards, from fixed noise (comparable across calls)."""
-        H, W = self.cfg.model.height, self.cfg.model.width
-        T = num_steps or self.cfg.num_steps
-        cond = self._condition(prompts)
-        x = self.adapter.noise(len(prompts), H, W, generator=torch.Generator().manual_seed(seed), device=self.device)
-        was_training = self.transformer.training
-        self.transformer.eval()
-        with self._autocast():
-            x0 = self.adapter.rollout(x, flux_sigmas(T, self.adapter.image_seq_len(H, W)), cond)
-            images = self.adapter.decode(x0.float(), H, W).float()
-            rewards = self.reward_model(images, prompts).float()
-        self.transformer.train(was_training)
-        return images, rewards
-
-    def eval_prompts(self) -> list[str]:
-        """The fixed evaluation prompts: ``eval_size`` (else ``samples``) of the eval prompts, the
-        test split or the training prompts, in that order of preference. A longer list is
-        subsampled with a fixed seed (not the run's), so that every run scores the same set."""
-        base = self.cfg.eval_prompts or self.test_prompts or self.prompts
-        n = self.cfg.eval_size or self.cfg.samples
-        if n < len(base):
-            import random
-
-            order = list(range(len(base)))
-            random.Random(0).shuffle(order)
-            base = [base[i] for i in sorted(order[:n])]
-        return [base[i % len(base)] for i in range(n)]
+        """Images (B, 3, H, W) in [0, 1] and their rewards, from fixed noise (comparable across
+        calls), with ``num_steps`` (default: the evaluation's T, ``eval_num_steps``)."""
+        m = self.cfg.model
+        images = generate.generate(self.adapter, self.condition, prompts, m.height, m.width,
+                                   num_steps or self.cfg.eval_num_steps, seed)
+        with self.autocast():
+            return images, self.reward_model(images, prompts).float()
 
     @torch.no_grad()
     def evaluate(self, prompts: list[str] | None = None, seed: int = 1234, ema: bool = False,
                  batch: int = 64) -> tuple[dict, torch.Tensor]:
-        """Sample ``prompts`` (the eval prompts by default) from fixed noise and score them with the
-        training reward, every ``eval_rewards`` entry and, with ``judge``, the world's judge.
-        -> (metrics, images); images in [0, 1] on the CPU."""
-        prompts = self.eval_prompts() if prompts is None else list(prompts)
-        scorers = {"reward": self.reward_model, **self.eval_rewards}
-        scores = {k: [] for k in scorers}
-        images = []
+        """Sample ``prompts`` (the fixed eval set by default) from fixed noise with T =
+        ``eval_num_steps`` and score them with the training reward, every ``eval_rewards`` entry
+        and, with ``judge``, the world's judge. -> (metrics, images); images in [0, 1] on the CPU."""
+        m = self.cfg.model
+        prompts = self.eval_set if prompts is None else list(prompts)
         with self.ema_weights() if ema else contextlib.nullcontext():
-            for i in range(0, len(prompts), batch):
-                chunk = prompts[i:i + batch]
-                img, r = self.sample(chunk, seed=seed + i)
-                scores["reward"].append(r.cpu())
-                for k, fn in scorers.items():
-                    if k != "reward":
-                        scores[k].append(fn(img, chunk).float().cpu())
-                images.append(img.cpu())
-        images = torch.cat(images)
-        metrics = {k: float(torch.cat(v).mean()) for k, v in scores.items()}
-        if self.cfg.judge:
-            from engine.world.judge import by_kind, judge
-
-            res = judge(images, prompts)
-            metrics.update(judge=res.mean(), judge_accuracy=res.accuracy(), judge_by_kind=by_kind(res, prompts))
-        metrics["n"] = len(prompts)
-        return metrics, images
+            return generate.evaluate(self.adapter, self.condition, {"reward": self.reward_model, **self.eval_rewards},
+                                     prompts, m.height, m.width, self.cfg.eval_num_steps, seed, self.cfg.judge, batch)
 
     # ------------------------------------------------------------------ checkpoints
     def _model_config(self) -> dict:
-        return json.loads(json.dumps(dict(self.transformer.config), default=str))
+        return dict(self.transformer.config)
 
     def _shapes(self) -> dict[str, list[int]]:
         return {n: list(p.shape) for n, p in self.params.items()}
 
     def save_checkpoint(self, path: str | Path) -> None:
-        """Full, unsharded tensors in one file, written by rank 0; under FSDP every rank must call
-        it (the shards are gathered one tensor at a time)."""
-        tensors = {}
-        full = self.dist.full
-        for n, p in self.params.items():
-            tensors[f"model.{n}"] = full(p)
-            tensors[f"ema.{n}"] = full(self.ema[n])
-        for n, p in self.params.items():   # every rank walks the same order (gathers are collective)
-            for key, val in self.optimizer.state.get(p, {}).items():
-                tensors[f"optim.{n}.{key}"] = full(val if torch.is_tensor(val) else torch.tensor(val))
+        """Full, unsharded tensors in one file (layout: ``engine.checkpoint``), written by rank 0;
+        under FSDP every rank must call it (the shards are gathered one tensor at a time)."""
+        tensors = ckpt.state_tensors(self.params, self.ema, self.optimizer, self.dist.full)
         if not self.dist.main:
             return
         tensors["rng.generator"] = self.generator.get_state()
+        config = ckpt.portable_config(self._model_config())
         meta = {"step": str(self.step_count), "skipped": str(self.skipped), "global_batch": str(self.global_batch),
-                "fingerprint": ckpt.fingerprint(self._model_config(), self._shapes()),
-                "model_config": json.dumps(self._model_config(), sort_keys=True),
+                "fingerprint": ckpt.fingerprint(config, self._shapes()),
+                "model_config": json.dumps(config, sort_keys=True),
                 "shapes": json.dumps(self._shapes()), "config": yaml.safe_dump(to_dict(self.cfg)),
                 "prompts_sha256": self._prompts_digest()}
         ckpt.save_atomic(path, tensors, meta)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore weights, EMA, optimizer, RNG and step; validated in full before anything changes."""
-        tensors, meta = ckpt.load(path, self._model_config(), self._shapes())
-        if "rng.generator" not in tensors:
-            raise ValueError(f"checkpoint {path} lacks the RNG state (rng.generator)")
-        opt_state = {}
-        for i, (n, p) in enumerate(self.params.items()):
-            st = {key: tensors[f"optim.{n}.{key}"] for key in ("step", "exp_avg", "exp_avg_sq")
-                  if f"optim.{n}.{key}" in tensors}
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in st and st[key].shape != p.shape:
-                    raise ValueError(f"checkpoint {path}: optim.{n}.{key} has shape {list(st[key].shape)}, "
-                                     f"the weight has {list(p.shape)}")
-            if st:
-                opt_state[i] = {k: (v if k == "step" else self.dist.shard_like(v, p)) for k, v in st.items()}
-        sd = self.optimizer.state_dict()
-        sd["state"] = opt_state
-        # everything is validated; from here on the state changes
-        self.optimizer.load_state_dict(sd)
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(self.dist.shard_like(tensors[f"model.{n}"].to(p.dtype), p))
-                self.ema[n].copy_(self.dist.shard_like(tensors[f"ema.{n}"], self.ema[n]))
-        self.generator.set_state(tensors["rng.generator"])
-        self.step_count, self.skipped = int(meta["step"]), int(meta["skipped"])
-        if int(meta.get("global_batch", self.global_batch)) != self.global_batch and self.dist.main:
-            warnings.warn(f"checkpoint {path} was trained with a global batch of {meta['global_batch']} "
+        """Restore weights, EMA, optimizer, RNG and step; the whole file is validated
+        (``engine.checkpoint.read_state``) before anything changes."""
+        state = ckpt.read_state(path, self._model_config(), self._shapes())
+        ckpt.apply_state(state, self.params, self.ema, self.optimizer, self.generator, self.dist.shard_like)
+        self.step_count, self.skipped = state.step, state.skipped
+        if state.global_batch not in (None, self.global_batch) and self.dist.main:
+            warnings.warn(f"checkpoint {path} was trained with a global batch of {state.global_batch} "
                           f"(batch_size * grad_accum * world_size), this run has {self.global_batch}: "
                           f"it continues, but not as the original run would have")
-        if meta.get("prompts_sha256", self._prompts_digest()) != self._prompts_digest():
+        if state.prompts_sha256 not in (None, self._prompts_digest()):
             warnings.warn(f"checkpoint {path} was trained on another prompt list (prompt_file changed?); "
                           f"resuming on the current one")
 
@@ -446,12 +331,14 @@ class LeapTrainer:
 
     @staticmethod
     def config_from_checkpoint(path: str | Path) -> TrainConfig:
-        return from_dict(yaml.safe_load(ckpt.read_metadata(path)["config"]))
+        """The run config a checkpoint was trained with, for ``--resume`` (the user's own run);
+        ``engine.checkpoint.read_config`` is the path-free view for sample / eval / export."""
+        return from_dict(ckpt.stored_config(path))
 
     # ------------------------------------------------------------------ the loop
     def train(self, steps: int | None = None, resume: str | Path | None = None) -> dict:
         """Run to ``steps`` total steps (cfg.steps by default), logging and checkpointing into
-        cfg.output_dir; returns a summary with eval rewards before and after."""
+        cfg.output_dir (locked for this run); returns a summary with evaluations before and after."""
         from tqdm import tqdm
 
         cfg, main = self.cfg, self.dist.main
@@ -460,52 +347,59 @@ class LeapTrainer:
 
             require()
         out = Path(cfg.output_dir)
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-        if resume is not None:
-            self.load_checkpoint(resume)
-        total = steps if steps is not None else cfg.steps
+        ck = out / "checkpoint.safetensors"
+        with RunDir(out, enabled=main) as run:
+            if resume is not None:
+                self.load_checkpoint(resume)
+            if main:
+                ckpt.remove_stale_temps(ck)
+                run.start_metrics(self.step_count if resume is not None else None)
+            return self._train(steps if steps is not None else cfg.steps, run, ck, tqdm)
+
+    def _train(self, total: int, run: RunDir, ck: Path, tqdm) -> dict:
+        cfg, main, out = self.cfg, self.dist.main, run.path
         summary = {}
-        board = TBLogger(out / "tb") if cfg.tensorboard and main else None
+        board = None
+        if cfg.tensorboard and main:
+            from engine.tb import TBLogger
+
+            board = TBLogger(out / "tb")
         try:
             # every rank samples the evaluations (under FSDP every forward needs all of them);
             # only rank 0 writes anything
             if self.step_count == 0:
                 before, images = self.evaluate()
                 if main:
-                    save_grid(images[: cfg.samples], out / "samples_before.png")
+                    save_grid(images[: cfg.samples], out / "samples_before.png", captions=self.eval_set[: cfg.samples])
                     if board:
                         board.scalars("eval", before, 0)
                         board.images("samples/before", images[: cfg.samples], 0)
                 summary["eval_before"] = before
                 summary["eval_reward_before"] = before["reward"]
-            log_path = out / "metrics.jsonl"
-            with (open(log_path, "a") if main else contextlib.nullcontext()) as log, \
-                    tqdm(total=total, initial=self.step_count, desc="train", dynamic_ncols=True, disable=not main) as bar:
+            with tqdm(total=total, initial=self.step_count, desc="train", dynamic_ncols=True, disable=not main) as bar:
                 while self.step_count < total:
                     m = self.step()
                     if main:
-                        log.write(json.dumps(m) + "\n")
-                        log.flush()
+                        run.log(m)
                         if board:
                             board.scalars("train", m, self.step_count)
                     bar.set_postfix(reward=f"{m['reward']:.4f}", loss=f"{m['loss']:.4f}")
                     bar.update(1)
                     if cfg.checkpoint_every and self.step_count % cfg.checkpoint_every == 0:
-                        self.save_checkpoint(out / "checkpoint.safetensors")
-            self.save_checkpoint(out / "checkpoint.safetensors")
+                        self.save_checkpoint(ck)
+            self.save_checkpoint(ck)
             after, images = self.evaluate()
             after_ema, _ = self.evaluate(ema=True)
             summary.update(eval_after=after, eval_after_ema=after_ema, eval_reward_after=after["reward"],
                            eval_reward_after_ema=after_ema["reward"])
             summary.update(steps=self.step_count, skipped=self.skipped, output_dir=str(out))
             if main:
-                save_grid(images[: cfg.samples], out / "samples_after.png")
+                save_grid(images[: cfg.samples], out / "samples_after.png", captions=self.eval_set[: cfg.samples])
                 if board:
                     board.scalars("eval", after, self.step_count)
                     board.scalars("eval_ema", after_ema, self.step_count)
                     board.images("samples/after", images[: cfg.samples], self.step_count)
-                plot_reward_curve(log_path, out / "reward_curve.png")
+                plot_reward_curve(run.metrics, out / "reward_curve.png")
                 (out / "summary.json").write_text(json.dumps(summary, indent=2))
         finally:
             if board is not None:

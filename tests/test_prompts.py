@@ -78,11 +78,11 @@ def test_config_and_trainer_use_the_file(tmp_path):
     train, test = load_prompt_split(p, 0.3, seed=0)
     assert (t.prompts, t.test_prompts) == (train, test) and len(test) == 3
     # a fixed-seed subsample of the held-out prompts (not the first few: a split may be ordered)
-    ev = t.eval_prompts()
-    assert len(ev) == 2 and set(ev) <= set(test) and len(set(ev)) == 2 and ev == t.eval_prompts()
+    ev = t.eval_set
+    assert len(ev) == 2 and set(ev) <= set(test) and len(set(ev)) == 2 and ev == LeapTrainer(cfg).eval_set
     t.step()
-    cfg2 = load_config(None, [f"prompt_file={p}", "eval_prompts=[a cat]", "samples=2", "num_steps=2",
+    cfg2 = load_config(None, [f"prompt_file={p}", "eval_prompts=[a red cat]", "samples=2", "num_steps=2",
                               f"output_dir={tmp_path}"])
-    assert LeapTrainer(cfg2).eval_prompts() == ["a cat", "a cat"]
+    assert LeapTrainer(cfg2).eval_set == ["a red cat"]   # each eval prompt once, not repeated to fill `samples`
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         LeapTrainer(load_config(None, [f"prompt_file={tmp_path / 'missing.txt'}"]))

@@ -235,10 +235,10 @@ def test_config_errors(tmp_path):
         load_config(None, ["num_steps=1"])
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         load_config(tmp_path / "missing.yaml")
-    with pytest.raises(ValueError, match="alpha=1.5"):
-        LeapTrainer(cfg(tmp_path, "method.params.alpha=1.5"))
-    with pytest.raises(ValueError, match="tau=0"):
-        LeapTrainer(cfg(tmp_path, "method.params.tau=0"))
+    with pytest.raises(ValueError, match="alpha must lie in"):
+        load_config(None, ["method.leapalign.alpha=1.5"])
+    with pytest.raises(ValueError, match="tau must be"):
+        load_config(None, ["method.leapalign.tau=0"])
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
@@ -255,9 +255,11 @@ def test_cli_train_then_sample(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 2
-    out = tmp_path / "s.png"
+    out = tmp_path / "s"
     run = subprocess.run([sys.executable, "-m", "engine", "sample", "--checkpoint", str(tmp_path / "checkpoint.safetensors"),
-                          "--prompt", "a red square", "--prompt", "a blue circle", "--ema", "--out", str(out)],
+                          "--prompt", "a red square", "--prompt", "a blue circle", "--out", str(out)],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert out.stat().st_size > 0 and "a blue circle" in run.stdout
+    assert (out / "samples.png").stat().st_size > 0 and "reward (colour)" in run.stdout and "a blue circle" in run.stdout
+    scores = json.loads((out / "samples.json").read_text())["samples"]
+    assert [s["prompt"] for s in scores] == ["a red square", "a blue circle"] and "reward_colour" in scores[0]

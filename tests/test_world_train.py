@@ -14,7 +14,7 @@ def test_world_config_trains_and_reports_reward_and_judge(tmp_path):
     cfg = load_config("configs/world.yaml", FAST + [f"output_dir={tmp_path}"])
     tr = LeapTrainer(cfg)
     assert tr.prompts and tr.test_prompts and not set(tr.prompts) & set(tr.test_prompts)
-    assert all(p in tr.test_prompts for p in tr.eval_prompts())
+    assert all(p in tr.test_prompts for p in tr.eval_set)
     before = {n: p.detach().clone() for n, p in tr.params.items()}
     summary = tr.train()
     assert summary["steps"] == 2 and summary["skipped"] == 0

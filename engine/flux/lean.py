@@ -60,7 +60,7 @@ from kernels.qk_norm_rope import qk_norm_rope
 __all__ = ["POLICIES", "apply_policy", "attention", "attention_backend", "block_inputs",
            "describe", "measure_policy_bytes", "measure_saved_bytes", "plan_budget", "policy_of"]
 
-POLICIES = ("none", "full", "lean", "budget")
+from engine.params import BLOCK_POLICIES as POLICIES  # noqa: E402  (shared with the config check)
 _POLICY_ATTR = "_leapalign_policy"
 _attention_used: str | None = None
 

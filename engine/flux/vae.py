@@ -69,7 +69,7 @@ from torch.utils.checkpoint import checkpoint
 __all__ = ["GRANULARITIES", "checkpoint_decoder", "uncheckpoint_decoder", "decoder_checkpointing",
            "frozen_conv2d", "frozen_group_norm_silu"]
 
-GRANULARITIES = ("auto", "resnet", "block")
+from engine.params import DECODER_GRANULARITIES as GRANULARITIES  # noqa: E402
 _STATE = "_leapalign_decoder_ckpt"
 
 

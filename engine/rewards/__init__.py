@@ -26,9 +26,16 @@ REWARDS = {
 
 
 def build_reward(name: str, **params) -> ImageReward:
+    """A frozen reward by name; its parameters typed and checked (``engine.params``) first."""
+    import dataclasses
+
+    from engine.params import reward_params
+
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; choose one of {sorted(REWARDS)}")
-    return REWARDS[name](**params).requires_grad_(False).eval()
+    typed = reward_params(name, params, f"reward {name!r} parameter ")
+    given = {f.name: getattr(typed, f.name) for f in dataclasses.fields(typed) if f.name in params}
+    return REWARDS[name](**given).requires_grad_(False).eval()
 
 
 __all__ = ["ImageReward", "ColourReward", "HPSv21Reward", "HPSv3Reward", "PickScoreReward", "CLIPScoreReward",

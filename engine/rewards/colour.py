@@ -36,6 +36,11 @@ class ColourReward(ImageReward):
         super().__init__()
         self.eps = eps
 
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Every prompt must name a colour (checked before training, not at the first evaluation)."""
+        for p in prompts:
+            prompt_colour(p)
+
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         target = torch.tensor([prompt_colour(p) for p in prompts], dtype=torch.float32, device=images.device)
         diff = images.float() - target[:, :, None, None]

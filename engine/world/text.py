@@ -74,6 +74,13 @@ class MiniLMTextEncoder(nn.Module):
             raise ValueError(f"prompt {longest!r} is longer than max_length={self.max_length} tokens")
         return batch
 
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Every prompt within ``max_length`` tokens (checked up front, before training)."""
+        for p in prompts:
+            n = len(self.tokenizer(p)["input_ids"])
+            if n > self.max_length:
+                raise ValueError(f"prompt {p!r} is longer than max_length={self.max_length} tokens ({n})")
+
     @torch.no_grad()
     def _forward(self, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         batch = {k: v.to(self.device) for k, v in self.tokenize(prompts).items()}
