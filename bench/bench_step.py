@@ -14,7 +14,7 @@ weights, frozen), reward engine.rewards.ColourReward (per-pixel colour distance:
 a few elementwise ops on the image, i.e. negligible FLOPs and one image-sized fp32 temporary
 -- a learned reward such as HPSv2.1 would add its ViT's weights and activations on top).
 Everything goes through engine.trainer.LeapTrainer (built with this adapter, a stub text encoder
-and the reward passed in): its ``_apply_policy``, ``_condition``, ``reward_fn`` (VAE decode +
+and the reward passed in; a new trainer per method x policy, on the same model): its ``condition``, ``reward_fn`` (VAE decode +
 reward, checkpointed when ``model.checkpoint_reward``), ``method.loss`` and, on GPU, ``step()``
 itself (loss, backward, grad clipping, AdamW, EMA).
 
@@ -153,25 +153,22 @@ def _fake_safe_to():
     return mock.patch.object(torch.nn.Module, "to", to)
 
 
-def _real_sigmas():
-    """LeapTrainer computes its sigma schedule through diffusers' scheduler (.item() inside): keep
-    it out of the fake mode so the schedule is real, as leapalign's sigmas.tolist() needs."""
-    import engine.trainer as trainer_mod
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-    orig = trainer_mod.flux_sigmas
+def base_config(res: int, device: str, steps: int, tiny: bool, lora_rank: int):
+    """The run configuration the bench measures: LoRA on FLUX.1-dev's attention + MLP linears,
+    batch 1, one prompt, at res x res (method and policy set per measurement by ``configure``)."""
+    from engine.config import load_config
 
-    def flux_sigmas(*a, **k):
-        with unset_fake_temporarily():
-            return orig(*a, **k)
-
-    return mock.patch.object(trainer_mod, "flux_sigmas", flux_sigmas)
+    return load_config(None, [f"device={device}", f"model.height={res}", f"model.width={res}",
+                              f"model.dtype={'float32' if tiny else 'bfloat16'}", f"num_steps={steps}",
+                              "lora.enabled=true", f"lora.rank={lora_rank}", f"lora.alpha={lora_rank}",
+                              f"prompts=[{PROMPT!r}]", "samples=1"])
 
 
 def build_trainer(res: int, device: str, steps: int, tiny: bool = False, fake_mode=None, lora_rank: int = LORA_RANK):
-    """A LeapTrainer over a random-weight FLUX.1-dev (or the tiny model), LoRA on, at res x res."""
+    """A LeapTrainer over a random-weight FLUX.1-dev (or the tiny model), LoRA on, at res x res,
+    built through the public constructor (the adapter, a stub text encoder and the reward passed in)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-    from engine.config import TrainConfig
     from engine.flux.adapter import FluxAdapter
     from engine.flux.tiny import tiny_transformer_config, tiny_vae_config
     from engine.rewards import ColourReward
@@ -180,15 +177,7 @@ def build_trainer(res: int, device: str, steps: int, tiny: bool = False, fake_mo
     dtype = torch.float32 if tiny else torch.bfloat16
     tcfg = tiny_transformer_config() if tiny else FLUX_DEV_CONFIG
     vcfg = tiny_vae_config() if tiny else FLUX_VAE_CONFIG
-    cfg = TrainConfig()
-    cfg.device = device
-    cfg.model.height = cfg.model.width = res
-    cfg.model.dtype = "float32" if tiny else "bfloat16"
-    cfg.num_steps = steps
-    cfg.lora.enabled = True
-    cfg.lora.rank = lora_rank
-    cfg.lora.alpha = float(lora_rank)
-    cfg.prompts = [PROMPT]
+    cfg = base_config(res, device, steps, tiny, lora_rank)
     old = torch.get_default_dtype()
     ctx = contextlib.ExitStack()
     with ctx:
@@ -197,7 +186,6 @@ def build_trainer(res: int, device: str, steps: int, tiny: bool = False, fake_mo
         if fake_mode is not None:
             ctx.enter_context(fake_mode)
             ctx.enter_context(_fake_safe_to())
-            ctx.enter_context(_real_sigmas())
         elif device == "cuda":
             ctx.enter_context(torch.device("cuda"))
         torch.manual_seed(0)
@@ -213,45 +201,34 @@ def build_trainer(res: int, device: str, steps: int, tiny: bool = False, fake_mo
 VAE_CKPT = ("diffusers", "auto", "resnet", "block")
 
 
-def set_vae_checkpointing(vae, mode: str | None) -> None:
-    """None: plain decoder; "diffusers": vae.enable_gradient_checkpointing() (per block, the
-    engine's model.checkpoint_reward today); "auto" | "resnet" | "block":
-    engine.flux.vae.checkpoint_decoder at that granularity (exact, frozen ops)."""
-    from engine.flux.vae import checkpoint_decoder, uncheckpoint_decoder
+def set_vae_checkpointing(adapter, mode: str | None) -> None:
+    """None: plain decoder; "diffusers": vae.enable_gradient_checkpointing() (per block);
+    "auto" | "resnet" | "block": engine.flux.vae.checkpoint_decoder at that granularity (exact,
+    frozen ops) -- the engine's own builder with model.checkpoint_reward / model.reward_ckpt."""
+    from engine import build
+    from engine.config import ModelConfig
 
-    uncheckpoint_decoder(vae)
-    if mode == "diffusers":
-        vae.enable_gradient_checkpointing()
-    else:
-        vae.disable_gradient_checkpointing()
-        if mode is not None:
-            checkpoint_decoder(vae, mode)
+    build.apply_decoder_checkpointing(adapter, ModelConfig(checkpoint_reward=mode is not None,
+                                                           reward_ckpt=mode or "auto"))
 
 
 def configure(trainer, method: str, policy: str, steps: int | None = None, vae_ckpt: str = "diffusers"):
-    """Switch the trainer to a method and a policy (the baseline: diffusers' checkpointing), the
-    VAE decoder checkpointed as ``vae_ckpt`` (see set_vae_checkpointing) unless the baseline."""
-    from engine.methods import make_method
-    from engine.schedule import flux_sigmas
+    """A new trainer on the same model for a method and a policy: the baseline is diffusers' own
+    gradient checkpointing with the VAE decoder run plainly (model.policy=diffusers,
+    model.checkpoint_reward=false), every other policy has the decoder checkpointed as
+    ``vae_ckpt`` (model.reward_ckpt). The builders re-apply every feature to the model
+    (engine.build: each apply_* replaces the previous setting)."""
+    from engine.config import from_dict, to_dict
+    from engine.trainer import LeapTrainer
 
-    tr = trainer.transformer
-    if getattr(tr, "gradient_checkpointing", False):
-        tr.disable_gradient_checkpointing()
-    trainer.cfg.model.policy = "none" if policy == "baseline" else policy
-    trainer.policy = trainer._apply_policy()
-    if policy == "baseline":
-        tr.enable_gradient_checkpointing()
-    # the engine's checkpoint_reward = the VAE decoder checkpointed per block (set at trainer
-    # construction, so it is switched here by hand); the baseline runs the decoder plainly
-    trainer.cfg.model.checkpoint_reward = policy != "baseline"
-    if trainer.adapter.vae is not None:
-        set_vae_checkpointing(trainer.adapter.vae, vae_ckpt if trainer.cfg.model.checkpoint_reward else None)
-    trainer.method = make_method(method)
-    trainer.cfg.method.name = method
-    if steps is not None and steps != trainer.cfg.num_steps:
-        trainer.cfg.num_steps = steps
-        H, W = trainer.cfg.model.height, trainer.cfg.model.width
-        trainer.sigmas = flux_sigmas(steps, trainer.adapter.image_seq_len(H, W))
+    d = to_dict(trainer.cfg)
+    d["model"].update(policy="diffusers" if policy == "baseline" else policy,
+                      checkpoint_reward=policy != "baseline", reward_ckpt=vae_ckpt)
+    d["method"]["name"] = method
+    if steps is not None:
+        d["num_steps"] = steps
+    return LeapTrainer(from_dict(d), adapter=trainer.adapter, text_encoder=trainer.text_encoder,
+                       reward=trainer.reward_model)
 
 
 def image_tokens(res: int) -> int:
@@ -286,7 +263,7 @@ def cpu_resolution(res: int, policies, steps: int, t_check: int, log) -> dict:
     log(f"[{res}] built in {time.perf_counter() - t0:.1f}s; base {gib(w['transformer_base'])}, "
         f"LoRA {lora_numel / 1e6:.1f} M params")
 
-    cond = trainer._condition([PROMPT])
+    cond = trainer.condition([PROMPT])
     x1 = ad.noise(1, res, res, generator=torch.Generator().manual_seed(0))
     v = ad.velocity_fn(cond)
     sig = trainer.sigmas
@@ -294,7 +271,7 @@ def cpu_resolution(res: int, policies, steps: int, t_check: int, log) -> dict:
     n_blocks = FLUX_DEV_CONFIG["num_layers"] + FLUX_DEV_CONFIG["num_single_layers"]
 
     # FLOPs of one forward, with LoRA and without
-    configure(trainer, "leapalign", "lean")
+    trainer = configure(trainer, "leapalign", "lean")
     with torch.no_grad():
         f_lora = count_flops(lambda: v(x1, sig[0]))
         tr.disable_adapters()
@@ -313,7 +290,7 @@ def cpu_resolution(res: int, policies, steps: int, t_check: int, log) -> dict:
     x_in = x1.clone()
     r["pass_held"] = {}
     for policy in policies:
-        configure(trainer, "leapalign", policy)
+        trainer = configure(trainer, "leapalign", policy)
         out = {}
         for label in ("lora", "all_trainable", "no_lora_all_trainable"):
             if label != "lora":
@@ -351,7 +328,7 @@ def cpu_resolution(res: int, policies, steps: int, t_check: int, log) -> dict:
 
     for label, mode in (("plain", None), ("vae_block_ckpt", "diffusers"), ("vae_auto_ckpt", "auto"),
                         ("vae_resnet_ckpt", "resnet"), ("vae_block_frozen_ckpt", "block")):
-        set_vae_checkpointing(vae, mode)
+        set_vae_checkpointing(ad, mode)
         lat = torch.randn_like(x1).requires_grad_(True)
         try:
             with PeakLiveBytes() as m:
@@ -362,7 +339,7 @@ def cpu_resolution(res: int, policies, steps: int, t_check: int, log) -> dict:
             gc.collect()
             flops = count_flops(fwd_bwd)
         finally:
-            set_vae_checkpointing(vae, "diffusers")   # the engine default
+            set_vae_checkpointing(ad, "diffusers")   # the engine default
         r["vae_reward"][label] = {"peak": m.peak, "held_after_fwd": fwd_live, "mode": mode,
                                   "fwd_bwd_flops": flops}
         log(f"[{res}] VAE decode+reward fwd+bwd {label}: peak {gib(m.peak)}, held after fwd {gib(fwd_live)}, "
@@ -374,7 +351,6 @@ def cpu_resolution(res: int, policies, steps: int, t_check: int, log) -> dict:
     with PeakLiveBytes() as m:
         trainer.reward_model(img, [PROMPT]).sum().backward()
     r["reward_alone_peak"] = m.peak
-    trainer.cfg.model.checkpoint_reward = True
 
     # the whole iteration: rollout + passes + leaps + decode + reward + backward
     r["iteration"] = {}
@@ -383,7 +359,7 @@ def cpu_resolution(res: int, policies, steps: int, t_check: int, log) -> dict:
         runs.append(("lean", t_check, "diffusers"))
     runs += [(p, steps, "auto") for p in policies if p != "baseline"]
     for policy, T, vae_ckpt in runs:
-        configure(trainer, "leapalign", policy, steps=T, vae_ckpt=vae_ckpt)
+        trainer = configure(trainer, "leapalign", policy, steps=T, vae_ckpt=vae_ckpt)
         choices = trainer.method.draw(T, torch.Generator().manual_seed(0), x1)
         t1 = time.perf_counter()
         with PeakLiveBytes() as m:
@@ -404,7 +380,7 @@ def cpu_resolution(res: int, policies, steps: int, t_check: int, log) -> dict:
         r["iteration"][key] = res_
         log(f"[{res}] iteration {key}: activations peak {gib(m.peak)} (held after loss fwd "
             f"{gib(after_fwd)}), whole {gib(res_['whole_iteration_peak'])} ({res_['cpu_seconds_fake']:.0f}s)")
-    configure(trainer, "leapalign", "lean", steps=steps)
+    trainer = configure(trainer, "leapalign", "lean", steps=steps)
     base_peak = r["iteration"].get("baseline", {}).get("whole_iteration_peak")
     if base_peak:
         for k, it in r["iteration"].items():
@@ -445,11 +421,11 @@ def gpu_resolution(res: int, methods, policies, steps: int, t_check: int, iters:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     timer = _cuda_time if cuda else _wall_time
 
-    cond = trainer._condition([PROMPT])
+    cond = trainer.condition([PROMPT])
     x1 = ad.noise(1, res, res, generator=torch.Generator().manual_seed(0), device=trainer.device)
     # FLOPs of one no-grad forward (on CUDA FlopCounterMode counts SDPA; on CPU add attention)
-    configure(trainer, "leapalign", "lean")
-    with torch.no_grad(), trainer._autocast():
+    trainer = configure(trainer, "leapalign", "lean")
+    with torch.no_grad(), trainer.autocast():
         f = count_flops(lambda: ad.velocity(x1, trainer.sigmas[0], cond))
     if not cuda:
         c = tr.config
@@ -459,10 +435,10 @@ def gpu_resolution(res: int, methods, policies, steps: int, t_check: int, iters:
     r["rollout_flops"] = f * steps
 
     def run(method, policy, T):
-        configure(trainer, method, policy, steps=T)
+        trainer = configure(trainer, method, policy, steps=T)
         out = {"T": T}
         if method == "leapalign" and T == steps:  # rollout alone (T no-grad forwards), its MFU
-            with torch.no_grad(), trainer._autocast():
+            with torch.no_grad(), trainer.autocast():
                 ad.rollout(x1, trainer.sigmas, cond)  # warm-up
                 sync()
                 t = timer(lambda: ad.rollout(x1, trainer.sigmas, cond))

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     res = a.res or (512 if cuda else 64)
     t0 = time.perf_counter()
     trainer = build_trainer(res, a.device, a.steps, tiny=not cuda)
-    configure(trainer, "leapalign", a.policy)
+    trainer = configure(trainer, "leapalign", a.policy)
     build_s = time.perf_counter() - t0
     trainer.step()  # warm-up (autotuning, allocator, lazy optimizer state)
     if cuda:
