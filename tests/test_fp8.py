@@ -345,3 +345,43 @@ def test_conversion_under_fake_tensors_halves_the_base():
     d = 3072
     weights_dd, out_rows = 36 + 15, 30 + 11
     assert r["bf16"] - r["fp8"] == weights_dd * d * d - 4 * out_rows * d
+
+
+# --------------------------------------------------------------------------- a run on the fp8 base
+def test_trainer_step_checkpoint_and_exports(tmp_path):
+    from engine import LeapTrainer
+    from engine import checkpoint as ckpt
+    from engine.export import export_checkpoint
+
+    over = ["model.height=32", "model.width=32", "num_steps=3", "samples=1", "optim.lr=1e-2",
+            "lora.enabled=true", "lora.rank=4", f"output_dir={tmp_path}"]
+    t = LeapTrainer(load_config(None, [*over, "model.base_precision=fp8"]))
+    assert isinstance(t.transformer.transformer_blocks[0].ff.net[2].base_layer, Fp8Linear)
+    before = {n: p.detach().clone() for n, p in t.params.items()}
+    assert torch.isfinite(torch.tensor(t.step()["loss"]))
+    assert any(not torch.equal(before[n], p) for n, p in t.params.items())      # LoRA trained
+    t.save_checkpoint(tmp_path / "ck.safetensors")
+    # the checkpoint holds only the LoRA weights: it loads into the bf16 base as into the fp8 one
+    for prec in ("bf16", "fp8"):
+        cfg = load_config(None, [*over, f"model.base_precision={prec}"])
+        tr = build.build_trainable(cfg, torch.device("cpu"), load_vae=False).transformer
+        ckpt.load_weights(tmp_path / "ck.safetensors", tr)
+        got = build.trainable_parameters(tr)
+        assert set(got) == set(t.params) and all(torch.equal(got[n], t.params[n]) for n in got)
+    # the merged export is LoRA on the bf16 base, whatever the run stored
+    out = export_checkpoint(tmp_path / "ck.safetensors", tmp_path / "merged")
+    assert (out / "config.json").is_file()
+    assert (export_checkpoint(tmp_path / "ck.safetensors", tmp_path / "lora", lora=True)
+            / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_compiles_whole_graph_forward_and_backward():
+    m = Fp8Linear.from_linear(torch.nn.Linear(24, 40).requires_grad_(False))
+    x = torch.randn(3, 24, requires_grad=True)
+    y = m(x)
+    y.sum().backward()
+    want, x.grad = x.grad, None
+    yc = torch.compile(m, backend="aot_eager", fullgraph=True)(x)   # no graph break, autograd traced
+    yc.sum().backward()
+    assert torch.equal(yc, y) and torch.equal(x.grad, want)
