@@ -48,6 +48,8 @@ def test_round_trip_within_the_e4m3_bound():
     # each row's largest weight lands on e4m3's largest code (the row uses the full range)
     assert torch.equal(q.float().abs().amax(1)[nz], torch.full((int(nz.sum()),), f8.E4M3_MAX))
     assert len(torch.unique(q.float())) <= 256
+    # into bf16: the exact fp32 product, rounded once
+    assert torch.equal(f8.dequantize_rowwise(q, s, torch.bfloat16), (q.float() * s.unsqueeze(1)).bfloat16())
 
 
 def test_quantize_rejects_bad_input():
@@ -90,7 +92,7 @@ def test_linear_within_bound_bf16():
     y = m(x)
     assert y.dtype == torch.bfloat16
     want = F.linear(x.float(), w)
-    # + one bf16 rounding of the weight and one of the output (2^-8 each, relative)
+    # + one bf16 rounding of the dequantized weight and one of the output (2^-8 each, relative)
     extra = 2 * 2.0 ** -8 * (x.float().abs() @ w.abs().t())
     assert ((y.float() - want).abs() <= linear_bound(x.float(), w, m.weight_scale) + extra).all()
 
