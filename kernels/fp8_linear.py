@@ -56,14 +56,24 @@ def _rowwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+_CHUNK = 1 << 24
+
+
 def quantize_rowwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q float8_e4m3fn of w's shape, scale fp32 of shape (rows,)) for a 2-d weight."""
     if w.dim() != 2:
         raise ValueError(f"quantize_rowwise expects a 2-d weight (out, in), got shape {tuple(w.shape)}")
     if not w.is_floating_point():
         raise ValueError(f"quantize_rowwise expects a floating-point weight, got {w.dtype}")
-    q, scale = _rowwise(w)
-    return q, scale.squeeze(1)
+    # Row blocks of <= 2^24 elements: the fp32 temporaries stay ~64 MiB whatever the weight, so
+    # converting a model on its device needs barely more memory than the model as loaded.
+    rows = max(1, _CHUNK // max(1, w.shape[1]))
+    q = torch.empty(w.shape, dtype=E4M3, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for i in range(0, w.shape[0], rows):
+        q[i:i + rows], s = _rowwise(w[i:i + rows])
+        scale[i:i + rows] = s.squeeze(1)
+    return q, scale
 
 
 def dequantize_rowwise(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

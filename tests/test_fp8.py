@@ -52,6 +52,14 @@ def test_round_trip_within_the_e4m3_bound():
     assert torch.equal(f8.dequantize_rowwise(q, s, torch.bfloat16), (q.float() * s.unsqueeze(1)).bfloat16())
 
 
+def test_quantize_in_row_blocks_is_the_same(monkeypatch):
+    w = weights()
+    q, s = f8.quantize_rowwise(w)
+    monkeypatch.setattr(f8, "_CHUNK", 45 * 4 + 7)      # 4 rows a block, the last one short
+    q2, s2 = f8.quantize_rowwise(w)
+    assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s, s2)
+
+
 def test_quantize_rejects_bad_input():
     with pytest.raises(ValueError, match="2-d"):
         f8.quantize_rowwise(torch.ones(3))
