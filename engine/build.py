@@ -100,8 +100,14 @@ def source(name: str) -> Source:
 
 
 def build_model(m, device: torch.device, load_vae: bool = True):
-    """The configured model as a ``FluxAdapter``; height and width checked against its patch size."""
-    adapter = source(m.source).model(m, device, DTYPES[m.dtype], load_vae)
+    """The configured model as a ``FluxAdapter``; height and width checked against its patch size.
+    With an fp8 base on a GPU the transformer stays on the CPU: ``apply_fp8_base`` takes it to
+    ``device`` one fp8 layer at a time, so the bf16 base is never there whole (FLUX.1-dev's
+    22.2 GiB would not fit a 24 GiB card with anything beside it)."""
+    staged = m.base_precision != "bf16" and device.type != "cpu"
+    adapter = source(m.source).model(m, torch.device("cpu") if staged else device, DTYPES[m.dtype], load_vae)
+    if staged and adapter.vae is not None:
+        adapter.vae.to(device)
     if adapter.vae is not None:
         check_image_size(adapter, m.height, m.width)
     return adapter
@@ -250,14 +256,16 @@ def apply_lora(transformer, lora, seed: int) -> None:
 FP8_MODES = ("none", "weight", "rollout")
 
 
-def apply_fp8_base(transformer, mode: str) -> dict:
+def apply_fp8_base(transformer, mode: str, device: torch.device | None = None) -> dict:
     """Store the frozen base of the double / single blocks in fp8 (kernels/fp8_linear.py): every
     frozen ``nn.Linear`` there (peft's ``base_layer``s and the untargeted ones, e.g. the modulation
     linears), ~99 % of FLUX's weights. The embedders and the output layer stay as loaded: small,
     and they carry the timestep / guidance conditioning. ``mode``: ``none`` | ``weight`` (fp8
     storage, compute in the model dtype) | ``rollout`` (also fp8 matmuls in no-grad passes; CUDA
     sm_89+). LoRA weights, their state_dict keys and the checkpoint are untouched. Applying it
-    again only switches weight <-> rollout: the conversion is lossy, bf16 cannot come back."""
+    again only switches weight <-> rollout: the conversion is lossy, bf16 cannot come back.
+    ``device``: where the model ends (``build_model`` leaves an fp8 base's transformer on the
+    CPU); each layer is quantized there as it arrives."""
     from kernels import fp8_linear as f8
 
     if mode not in FP8_MODES:
@@ -267,9 +275,10 @@ def apply_fp8_base(transformer, mode: str) -> dict:
     if mode == "none":
         if stored:
             raise ValueError("the model's base is already stored in fp8; rebuild it for model.base_precision=bf16")
+        _place(transformer, device)
         return {"converted": 0, "fp8_compute": 0}
     if mode == "rollout":
-        why = f8.fp8_compute_unavailable(next(transformer.parameters()).device)
+        why = f8.fp8_compute_unavailable(device if device is not None else next(transformer.parameters()).device)
         if why is None and transformer.dtype != torch.bfloat16:
             why = f"fp8 compute writes bf16, the model is {transformer.dtype} (set model.dtype=bfloat16)"
         if why is not None:
@@ -279,9 +288,20 @@ def apply_fp8_base(transformer, mode: str) -> dict:
     if stored:
         converted = sum(f8.set_compute(b, compute) for b in blocks)
     else:
-        converted = sum(len(f8.convert_linears(b, compute)) for b in blocks)
+        converted = sum(len(f8.convert_linears(b, compute, device)) for b in blocks)
+    _place(transformer, device)    # the rest: LoRA, embedders, norms (the fp8 layers are there already)
     fp8 = sum(isinstance(mod, f8.Fp8Linear) and mod.compute == "fp8" for b in blocks for mod in b.modules())
     return {"converted": converted, "fp8_compute": fp8}
+
+
+def _place(module, device: torch.device | None) -> None:
+    # only when something is elsewhere: Module.to fails on fake modules even as a no-op
+    if device is None:
+        return
+    device = torch.device(device)
+    if any(t.device.type != device.type or device.index not in (None, t.device.index)
+           for t in [*module.parameters(), *module.buffers()]):
+        module.to(device)
 
 
 def apply_policy(transformer, m, batch_size: int = 1, text_tokens: int = 512, adapter=None) -> dict:
@@ -323,7 +343,7 @@ def build_trainable(cfg: TrainConfig, device: torch.device, load_vae: bool = Tru
     holds), for sampling, evaluation and export."""
     adapter = build_model(cfg.model, device, load_vae=load_vae)
     apply_lora(adapter.transformer, cfg.lora, cfg.seed)
-    apply_fp8_base(adapter.transformer, FP8_BASE_MODES[cfg.model.base_precision])
+    apply_fp8_base(adapter.transformer, FP8_BASE_MODES[cfg.model.base_precision], device)
     return adapter
 
 

@@ -180,17 +180,19 @@ class Fp8Linear(nn.Module):
             if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, compute: str = "bf16") -> "Fp8Linear":
+    def from_linear(cls, linear: nn.Linear, compute: str = "bf16", device=None) -> "Fp8Linear":
+        """The fp8 copy of a frozen ``linear``, quantized on and placed at ``device`` (default: where
+        ``linear`` is), so only one layer's bf16 weight at a time needs to be there."""
         if linear.weight.requires_grad or (linear.bias is not None and linear.bias.requires_grad):
             raise ValueError("only a frozen Linear can be stored in fp8 (its weights would be trained)")
-        w = linear.weight.detach()
+        w = linear.weight.detach().to(device or linear.weight.device)
         # built on meta, then given the real tensors: no weight-sized placeholder is allocated
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, "meta", compute)
         q, scale = quantize_rowwise(w)
         new.weight = nn.Parameter(q.view(torch.uint8), requires_grad=False)
         new.weight_scale = scale
         if linear.bias is not None:
-            new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+            new.bias = nn.Parameter(linear.bias.detach().to(w.device), requires_grad=False)
         new.train(linear.training)
         return new
 
@@ -216,11 +218,11 @@ def fp8_compute_fits(in_features: int, out_features: int) -> bool:
     return in_features % 16 == 0 and out_features % 16 == 0
 
 
-def convert_linears(root: nn.Module, compute: str = "bf16") -> list[str]:
+def convert_linears(root: nn.Module, compute: str = "bf16", device=None) -> list[str]:
     """Replace every frozen ``nn.Linear`` under ``root`` (exact class: peft's LoRA wrappers are not
     Linears, their ``base_layer`` is) by an ``Fp8Linear``; trainable Linears (LoRA's A and B) stay.
     With ``compute="fp8"``, layers whose sizes ``_scaled_mm`` cannot take keep bf16 compute.
-    Returns the qualified names of the converted modules."""
+    ``device``: where the fp8 layers are quantized and go (``Fp8Linear.from_linear``). Returns the qualified names of the converted modules."""
     if compute not in COMPUTES:
         raise ValueError(f"compute must be one of {list(COMPUTES)}, got {compute!r}")
     done = []
@@ -229,7 +231,7 @@ def convert_linears(root: nn.Module, compute: str = "bf16") -> list[str]:
             if type(child) is not nn.Linear or any(p.requires_grad for p in child.parameters()):
                 continue
             c = compute if fp8_compute_fits(child.in_features, child.out_features) else "bf16"
-            setattr(parent, name, Fp8Linear.from_linear(child, c))
+            setattr(parent, name, Fp8Linear.from_linear(child, c, device))
             done.append(f"{parent_name}.{name}" if parent_name else name)
     return done
 
