@@ -4,8 +4,8 @@ Bounds tested (kernels/fp8_linear.py derives them):
 * per weight:  |dequantize(quantize(w)) - w| <= 2^-4 |w| + 2^-10 s   (s: the row's scale)
 * per output:  |y_fp8 - y| <= 2^-4 (|x| @ |w|^T) + 2^-10 s sum|x|     (+ fp32 / bf16 rounding)
 * fp8 compute: with x quantized per row too, (|x| + ex) @ (|w| + ew)^T - |x| @ |w|^T
-* whole tiny Flux + LoRA (fp32 compute): output and the LoRA gradients within 2^-4 relative
-  (Frobenius) of the unconverted model; measured ~0.004 and ~0.007.
+* whole tiny Flux + LoRA (fp32 compute): output and the LoRA gradients within 2^-6 relative
+  (Frobenius) of the unconverted model; measured 0.0039 and 0.0069.
 """
 import copy
 
@@ -283,8 +283,10 @@ def test_tiny_flux_output_and_lora_grads_within_bound(pair):
     (o_ref, g_ref), (o, g) = out_and_lora_grads(ref), out_and_lora_grads(conv)
     assert set(g) == set(g_ref) and len(g) == 46
     flat = lambda d: torch.cat([d[n].flatten() for n in sorted(d)])
-    assert 1e-5 < rel(o, o_ref) < REL_BOUND
-    assert 1e-5 < rel(flat(g), flat(g_ref)) < REL_BOUND
+    # 2^-6: a quarter of the per-weight bound (the rounding errors are independent, they average
+    # out over a dot product); measured 0.0039 (output) and 0.0069 (gradients)
+    assert 1e-5 < rel(o, o_ref) < 2 ** -6
+    assert 1e-5 < rel(flat(g), flat(g_ref)) < 2 ** -6
 
 
 def test_lean_policy_on_fp8_base_same_grads(pair):
