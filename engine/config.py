@@ -12,9 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from engine.params import (BASE_PRECISIONS, DECODER_GRANULARITIES, DEFAULT_LAM, DEVICES, DIST_MODES, DTYPES, METHOD_PARAMS, POLICIES,
+from engine.params import (DECODER_GRANULARITIES, DEFAULT_LAM, DEVICES, DIST_MODES, DTYPES, METHOD_PARAMS, POLICIES,
                            REWARD_CKPT, DRaFTLVParams, DRTuneParams, FullParams, LeapAlignParams, ReFLParams,
                            build_dataclass, method_params, method_section, reward_params)
+from engine.params import BASE_PRECISIONS
 
 
 @dataclass

@@ -21,10 +21,10 @@ Two ways to compute, chosen per call:
   rowwise scales, bf16 out. Meant for the no-grad rollout; graph-keeping passes take the weight
   path, so gradients never go through fp8 activations.
 
-Why not torchao: it is not in the engine's environment, its fp8 weight-only configs wrap weights
-in tensor subclasses (peft's torchao LoRA layer targets its int8 layout; FakeTensorMode sizing and
-a plain ``state_dict`` of subclass weights are not what the engine relies on elsewhere), and its
-API moves between releases. This file is small, plain torch, and the rollout/graph-keeping split
+Why not torchao (not tried here: it is not in the engine's environment): its fp8 weight-only
+configs wrap weights in tensor subclasses, peft's torchao LoRA layer documents int8 weights only,
+FakeTensorMode sizing and a plain ``state_dict`` of subclass weights would be new ground for the
+engine, and its API moves between releases (it would need a pin). This file is small, plain torch, and the rollout/graph-keeping split
 (fp8 compute only without grad) is a per-call rule none of its configs express.
 
 The weight is kept as a ``uint8`` Parameter holding the e4m3 bits (viewed back as float8 for
@@ -163,7 +163,8 @@ def fp8_compute_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 # ----------------------------------------------------------------------------- module
 class Fp8Linear(nn.Module):
     """A frozen ``nn.Linear`` stored in fp8. ``compute``: "bf16" (dequantize, then matmul in the
-    layer's original dtype) or "fp8" (fp8 matmuls in no-grad calls, the weight path otherwise)."""
+    input's dtype: bf16 in a bf16 model) or "fp8" (fp8 matmuls in no-grad calls, the weight path
+    otherwise)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  device=None, compute: str = "bf16"):
@@ -222,7 +223,8 @@ def convert_linears(root: nn.Module, compute: str = "bf16", device=None) -> list
     """Replace every frozen ``nn.Linear`` under ``root`` (exact class: peft's LoRA wrappers are not
     Linears, their ``base_layer`` is) by an ``Fp8Linear``; trainable Linears (LoRA's A and B) stay.
     With ``compute="fp8"``, layers whose sizes ``_scaled_mm`` cannot take keep bf16 compute.
-    ``device``: where the fp8 layers are quantized and go (``Fp8Linear.from_linear``). Returns the qualified names of the converted modules."""
+    ``device``: where the fp8 layers are quantized and go (``Fp8Linear.from_linear``).
+    Returns the qualified names of the converted modules."""
     if compute not in COMPUTES:
         raise ValueError(f"compute must be one of {list(COMPUTES)}, got {compute!r}")
     done = []
