@@ -175,6 +175,11 @@ def test_rollout_mode_refused_on_cpu():
     with pytest.raises(RuntimeError, match="fp8-rollout cannot run: .*sm_89.*model is on cpu"):
         build.apply_fp8_base(tr, "rollout")
     assert not any(isinstance(m, Fp8Linear) for m in tr.modules())   # nothing converted
+    from engine import LeapTrainer
+
+    cfg = load_config(None, ["model.base_precision=fp8-rollout", "lora.enabled=true", "device=cpu"])
+    with pytest.raises(RuntimeError, match=r"^model.base_precision=fp8-rollout cannot run: [^\n]*$"):
+        LeapTrainer(cfg)
 
 
 def test_fp8_compute_refuses_autograd_inputs():
