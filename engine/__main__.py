@@ -113,6 +113,7 @@ def _eval(args) -> int:
         from engine.config import load_config
 
         cfg = load_config(args.config, args.overrides)
+        cfg.model.base_precision = "bf16"   # the base is evaluated as loaded (fp8 storage is for LoRA runs)
         device = build.resolve_device(cfg.device)
         _cpu_settings(device)
         adapter = build.build_model(cfg.model, device)

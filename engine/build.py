@@ -15,6 +15,8 @@ trainer, ``python -m engine`` and the benches all call these functions):
 1. ``build_model``                 the adapter: transformer + VAE, plain diffusers modules
 2. ``apply_decoder_checkpointing`` exact recomputation of the frozen VAE decoder in backward
 3. ``apply_lora``                  peft LoRA adapters (the base frozen), or all weights trainable
+3b. ``apply_fp8_base``            the frozen block linears stored in fp8 (``model.base_precision``),
+                                   after LoRA so peft wraps plain Linears and its adapters stay bf16
 4. ``apply_policy``                how graph-keeping passes keep activations (engine/flux/lean.py)
 5. ``apply_compile``               torch.compile of every block, after the policy swap, so the
                                    lean / checkpointed forwards are what gets compiled
@@ -30,6 +32,7 @@ from typing import Callable
 import torch
 
 from engine.config import TrainConfig
+from engine.params import FP8_BASE_MODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -97,8 +100,14 @@ def source(name: str) -> Source:
 
 
 def build_model(m, device: torch.device, load_vae: bool = True):
-    """The configured model as a ``FluxAdapter``; height and width checked against its patch size."""
-    adapter = source(m.source).model(m, device, DTYPES[m.dtype], load_vae)
+    """The configured model as a ``FluxAdapter``; height and width checked against its patch size.
+    With an fp8 base on a GPU the transformer stays on the CPU: ``apply_fp8_base`` takes it to
+    ``device`` one fp8 layer at a time, so the bf16 base is never there whole (FLUX.1-dev's
+    22.2 GiB would not fit a 24 GiB card with anything beside it)."""
+    staged = m.base_precision != "bf16" and device.type != "cpu"
+    adapter = source(m.source).model(m, torch.device("cpu") if staged else device, DTYPES[m.dtype], load_vae)
+    if staged and adapter.vae is not None:
+        adapter.vae.to(device)
     if adapter.vae is not None:
         check_image_size(adapter, m.height, m.width)
     return adapter
@@ -244,6 +253,57 @@ def apply_lora(transformer, lora, seed: int) -> None:
         transformer.add_adapter(PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.targets)))
 
 
+FP8_MODES = ("none", "weight", "rollout")
+
+
+def apply_fp8_base(transformer, mode: str, device: torch.device | None = None) -> dict:
+    """Store the frozen base of the double / single blocks in fp8 (kernels/fp8_linear.py): every
+    frozen ``nn.Linear`` there (peft's ``base_layer``s and the untargeted ones, e.g. the modulation
+    linears), ~99 % of FLUX's weights. The embedders and the output layer stay as loaded: small,
+    and they carry the timestep / guidance conditioning. ``mode``: ``none`` | ``weight`` (fp8
+    storage, compute in the model dtype) | ``rollout`` (also fp8 matmuls in no-grad passes; CUDA
+    sm_89+). LoRA weights, their state_dict keys and the checkpoint are untouched. Applying it
+    again only switches weight <-> rollout: the conversion is lossy, bf16 cannot come back.
+    ``device``: where the model ends (``build_model`` leaves an fp8 base's transformer on the
+    CPU); each layer is quantized there as it arrives."""
+    from kernels import fp8_linear as f8
+
+    if mode not in FP8_MODES:
+        raise ValueError(f"fp8 base mode must be one of {list(FP8_MODES)}, got {mode!r}")
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    stored = any(isinstance(mod, f8.Fp8Linear) for b in blocks for mod in b.modules())
+    if mode == "none":
+        if stored:
+            raise ValueError("the model's base is already stored in fp8; rebuild it for model.base_precision=bf16")
+        _place(transformer, device)
+        return {"converted": 0, "fp8_compute": 0}
+    if mode == "rollout":
+        why = f8.fp8_compute_unavailable(device if device is not None else next(transformer.parameters()).device)
+        if why is None and transformer.dtype != torch.bfloat16:
+            why = f"fp8 compute writes bf16, the model is {transformer.dtype} (set model.dtype=bfloat16)"
+        if why is not None:
+            raise RuntimeError(f"model.base_precision=fp8-rollout cannot run: {why}; "
+                               f"model.base_precision=fp8 stores fp8 and computes in the model dtype")
+    compute = "fp8" if mode == "rollout" else "bf16"
+    if stored:
+        converted = sum(f8.set_compute(b, compute) for b in blocks)
+    else:
+        converted = sum(len(f8.convert_linears(b, compute, device)) for b in blocks)
+    _place(transformer, device)    # the rest: LoRA, embedders, norms (the fp8 layers are there already)
+    fp8 = sum(isinstance(mod, f8.Fp8Linear) and mod.compute == "fp8" for b in blocks for mod in b.modules())
+    return {"converted": converted, "fp8_compute": fp8}
+
+
+def _place(module, device: torch.device | None) -> None:
+    # only when something is elsewhere: Module.to fails on fake modules even as a no-op
+    if device is None:
+        return
+    device = torch.device(device)
+    if any(t.device.type != device.type or device.index not in (None, t.device.index)
+           for t in [*module.parameters(), *module.buffers()]):
+        module.to(device)
+
+
 def apply_policy(transformer, m, batch_size: int = 1, text_tokens: int = 512, adapter=None) -> dict:
     """Swap every block's forward to ``m.policy``; ``budget`` measures each block's saved bytes on
     inputs of the run's shapes; ``diffusers`` is diffusers' own ``enable_gradient_checkpointing``
@@ -279,10 +339,11 @@ def apply_parallel(transformer, dist, device: torch.device):
 
 
 def build_trainable(cfg: TrainConfig, device: torch.device, load_vae: bool = True):
-    """Steps 1 and 3 alone: the model with the run's trainable parameters (what a checkpoint
+    """Steps 1, 3 and 3b alone: the model with the run's trainable parameters (what a checkpoint
     holds), for sampling, evaluation and export."""
     adapter = build_model(cfg.model, device, load_vae=load_vae)
     apply_lora(adapter.transformer, cfg.lora, cfg.seed)
+    apply_fp8_base(adapter.transformer, FP8_BASE_MODES[cfg.model.base_precision], device)
     return adapter
 
 

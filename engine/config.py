@@ -15,6 +15,7 @@ import yaml
 from engine.params import (DECODER_GRANULARITIES, DEFAULT_LAM, DEVICES, DIST_MODES, DTYPES, METHOD_PARAMS, POLICIES,
                            REWARD_CKPT, DRaFTLVParams, DRTuneParams, FullParams, LeapAlignParams, ReFLParams,
                            build_dataclass, method_params, method_section, reward_params)
+from engine.params import BASE_PRECISIONS
 
 
 @dataclass
@@ -40,6 +41,9 @@ class ModelConfig:
     # torch.compile backend for every double / single block (diffusers' compile_repeated_blocks:
     # one graph per block class, reused 19 / 38 times); "" = eager, "inductor" on a GPU
     compile: str = ""
+    # frozen base storage under LoRA: bf16 (as loaded) | fp8 (e4m3 weights, bf16 compute) |
+    # fp8-rollout (also fp8 matmuls in the no-grad rollout; CUDA sm_89+). engine.build.apply_fp8_base
+    base_precision: str = "bf16"
 
 
 @dataclass
@@ -160,6 +164,13 @@ class TrainConfig:
         one_of("model.policy", m.policy, POLICIES)
         one_of("device", self.device, DEVICES)
         one_of("distributed", self.distributed, DIST_MODES)
+        one_of("model.base_precision", m.base_precision, BASE_PRECISIONS)
+        if m.base_precision != "bf16" and not self.lora.enabled:
+            raise ValueError(f"model.base_precision={m.base_precision} stores the frozen base in fp8: it needs "
+                             f"lora.enabled=true (full fine-tuning trains the base weights)")
+        if m.base_precision != "bf16" and self.distributed == "fsdp":
+            raise ValueError(f"model.base_precision={m.base_precision} is not supported with distributed=fsdp "
+                             f"(FSDP2 sharding of fp8 base weights is untested); use ddp or base_precision=bf16")
         if m.transformer_file and m.source in ("tiny", "world"):
             raise ValueError("model.transformer_file needs model.source to be a local diffusers folder "
                              "(for transformer/config.json, the VAE and the text encoders)")

@@ -41,6 +41,11 @@ def export_lora(transformer: torch.nn.Module, out_dir: str | Path) -> Path:
 
 def export_transformer(transformer: torch.nn.Module, out_dir: str | Path) -> Path:
     """Write a plain diffusers ``FluxTransformer2DModel`` folder (LoRA, if any, fused into a copy)."""
+    from kernels.fp8_linear import Fp8Linear
+
+    if any(isinstance(m, Fp8Linear) for m in transformer.modules()):
+        raise ValueError("this transformer's base is stored in fp8 (model.base_precision); a merged export "
+                         "needs the bf16 base: export the LoRA, or rebuild with model.base_precision=bf16")
     out_dir = Path(out_dir)
     model = transformer
     if has_lora(transformer):
@@ -101,6 +106,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, lora: bool = 
         raise ValueError(f"checkpoint {checkpoint} was trained without LoRA (lora.enabled=false); "
                          f"export the full model instead (drop --lora)")
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    if not lora:   # LoRA merged into the bf16 base it exports for, not into the run's fp8 copy
+        cfg.model.base_precision = "bf16"
     adapter = build.build_trainable(cfg, device, load_vae=False)
     ckpt.load_weights(checkpoint, adapter.transformer, ema=ema)
     writer = export_lora if lora else export_transformer

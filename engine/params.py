@@ -22,6 +22,11 @@ REWARD_CKPT = (*DECODER_GRANULARITIES, "diffusers")
 DIST_MODES = ("none", "ddp", "fsdp")
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+# storage of the frozen base under LoRA (engine.build.apply_fp8_base): "bf16" keeps it as loaded
+# (model.dtype), "fp8" stores the block linears in e4m3 with bf16 compute, "fp8-rollout" also
+# multiplies in fp8 in the no-grad rollout (CUDA sm_89+); value -> apply_fp8_base mode
+FP8_BASE_MODES = {"bf16": "none", "fp8": "weight", "fp8-rollout": "rollout"}
+BASE_PRECISIONS = tuple(FP8_BASE_MODES)
 
 # relu(lam - r): the paper's value for HPSv2.1, near the score of good real images. Calibrate it
 # for another reward on real good images (the README says how).
