@@ -1,0 +1,838 @@
+"""Memory planner: what one training iteration of a config needs on the GPU, sized on a CPU.
+
+``python -m engine plan --config X [key=value ...] [--budget-gib G]`` builds the configured
+transformer, VAE and reward at full size under ``FakeTensorMode`` (no weights read, no RAM, no
+GPU; design.md "Measuring without a GPU"), applies the run's features through ``engine.build`` in
+its documented order (decoder checkpointing, LoRA, block policy), and measures each term of one
+iteration with ``engine.memory``:
+
+- resident: transformer base, LoRA, VAE, reward, text encoders (none with ``embed_cache_dir``:
+  the cache lives on disk and the CPU), by dtype; AdamW states (exp_avg + exp_avg_sq, in the
+  parameter dtype), the fp32 EMA; the iteration's inputs (noise, prompt embeddings)
+- rollout transient: peak live bytes of one no-grad forward
+- one graph-keeping pass under ``model.policy``: bytes held after its forward, and the peak of
+  its forward + backward (LoRA gradients included: backward creates them)
+- VAE decode + reward forward + backward into the latent under ``model.checkpoint_reward`` /
+  ``model.reward_ckpt``
+- the whole iteration: ``PeakLiveBytes`` across ``method.loss`` + ``backward()`` on fake tensors,
+  plus the resident bytes -- what bench/bench_step.py reports as ``whole_iteration_peak``.
+
+The predicted peak is max(whole iteration, optimizer step) where the optimizer step holds the
+resident bytes, the gradients and one foreach temporary of the trainable size (AdamW's
+``sqrt(exp_avg_sq)``). The terms also combine into an estimate without the whole iteration
+(:func:`compose`), which the ``--budget-gib`` search uses to rank settings; the chosen one is then
+checked with a whole fake iteration.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+from engine.config import TrainConfig
+from engine.memory import PeakLiveBytes
+
+GiB = 2 ** 30
+
+# FLUX.1-dev's published configs (black-forest-labs/FLUX.1-dev: transformer/, vae/, text_encoder/
+# (CLIP ViT-L/14 text), text_encoder_2/ (T5 v1.1 XXL encoder)), so a laptop with no weights plans
+# the real model; keep in step with bench/measure.py and bench/bench_step.py.
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
+    attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+    pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56],
+)
+FLUX_DEV_VAE = dict(
+    in_channels=3, out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512], layers_per_block=2, act_fn="silu",
+    latent_channels=16, norm_num_groups=32, sample_size=1024,
+    scaling_factor=0.3611, shift_factor=0.1159, latents_mean=None, latents_std=None,
+    force_upcast=True, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True,
+)
+FLUX_DEV_CLIP_TEXT = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+)
+FLUX_DEV_T5 = dict(
+    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+    use_cache=False, tie_word_embeddings=False,
+)
+MODEL_CONFIGS = {"flux-dev": {"transformer": FLUX_DEV_TRANSFORMER, "vae": FLUX_DEV_VAE,
+                              "text_encoder": FLUX_DEV_CLIP_TEXT, "text_encoder_2": FLUX_DEV_T5,
+                              "text_tokens": 512}}
+# model.source values that mean "this published config, no folder"
+CONFIG_SOURCES = {f"{name}-config": name for name in MODEL_CONFIGS}
+
+
+class PlanError(ValueError):
+    """A user-facing planning failure (nothing fits the budget, a source that cannot be sized)."""
+
+
+# ---------------------------------------------------------------------- fake building
+def fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    # a fake module cannot be cast afterwards (.to(dtype) fails on FakeTensors), so weights are
+    # created in the run's dtype
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def fake_safe_to():
+    """peft moves its new LoRA layers with Module.to(device, dtype); on a fake module that fails
+    (swap_tensors on FakeTensors) even when nothing changes. Make such no-op moves no-ops."""
+    orig = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        ts = list(self.parameters()) + list(self.buffers())
+        if all((device is None or t.device.type == torch.device(device).type)
+               and (dtype is None or not t.is_floating_point() or t.dtype == dtype) for t in ts):
+            return self
+        return orig(self, *args, **kwargs)
+
+    return mock.patch.object(torch.nn.Module, "to", to)
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (fake or real)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        st = t.untyped_storage()
+        if id(st) in seen:     # fake storages have no data pointer; the object identifies them
+            continue
+        seen.add(id(st))
+        total += st.nbytes()
+    return total
+
+
+def _by_dtype(tensors) -> dict[str, int]:
+    out: dict[str, int] = {}
+    seen = set()
+    for t in tensors:
+        st = t.untyped_storage()
+        if id(st) in seen:
+            continue
+        seen.add(id(st))
+        k = str(t.dtype).replace("torch.", "")
+        out[k] = out.get(k, 0) + st.nbytes()
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing config file: {path}")
+    return json.loads(path.read_text())
+
+
+def model_configs(cfg: TrainConfig, model_config: str | None = None) -> dict:
+    """The architecture configs of the run's model, read without its weights: a published config
+    (``--model-config`` or ``model.source=<name>-config``), the tiny model's, or a diffusers
+    folder's own config.json files."""
+    src = cfg.model.source
+    name = model_config or CONFIG_SOURCES.get(src)
+    if name is not None:
+        if name not in MODEL_CONFIGS:
+            raise PlanError(f"unknown model config {name!r}; choose one of {sorted(MODEL_CONFIGS)}")
+        return {"what": f"{name} (published config, no weights)", **MODEL_CONFIGS[name]}
+    if src == "tiny":
+        from engine.flux.tiny import tiny_transformer_config, tiny_vae_config
+
+        return {"what": "tiny (engine.flux.tiny)", "transformer": tiny_transformer_config(), "vae": tiny_vae_config(),
+                "text": "tiny"}
+    if src == "world":
+        from engine.world.model import WEIGHTS_DIR
+
+        folder, text = Path(WEIGHTS_DIR), "world"
+    else:
+        folder, text = Path(src), "folder"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"missing model folder: {folder} (plan a published architecture with "
+                                f"--model-config {' | '.join(MODEL_CONFIGS)})")
+    out = {"what": f"{folder} (its config.json files, weights not read)", "text": text,
+           "transformer": _read_json(folder / "transformer" / "config.json"),
+           "vae": _read_json(folder / "vae" / "config.json")}
+    if text == "folder":
+        out["text_encoder"] = _read_json(folder / "text_encoder" / "config.json")
+        out["text_encoder_2"] = _read_json(folder / "text_encoder_2" / "config.json")
+        out["text_tokens"] = 512     # PipelineTextEncoder's max_sequence_length
+    return out
+
+
+def _hf_config(cls, d: dict):
+    d = {k: v for k, v in d.items() if not k.startswith("_")}
+    return cls(**d)
+
+
+def build_text_encoders(mc: dict, cfg: TrainConfig, dtype: torch.dtype):
+    """(modules that stay on the GPU in training, prompt tokens per sample)."""
+    if mc.get("text") == "tiny":
+        from engine.flux.tiny import HashTextEncoder
+
+        tc = mc["transformer"]
+        enc = HashTextEncoder(tc["joint_attention_dim"], tc["pooled_projection_dim"], seed=cfg.model.seed)
+        return {"hash text encoder": enc}, enc.max_length
+    if mc.get("text") == "world":
+        from engine.world.text import MiniLMTextEncoder
+
+        enc = MiniLMTextEncoder()
+        mods = {"MiniLM": m for m in [getattr(enc, "model", None)] if isinstance(m, torch.nn.Module)}
+        return mods, enc.max_length
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    with default_dtype(dtype):
+        clip = CLIPTextModel(_hf_config(CLIPTextConfig, mc["text_encoder"]))
+        t5 = T5EncoderModel(_hf_config(T5Config, mc["text_encoder_2"]))
+    return {"CLIP text encoder": clip, "T5 encoder": t5}, mc["text_tokens"]
+
+
+# ---------------------------------------------------------------------- rewards on fake tensors
+def _hps_arch(params) -> torch.nn.Module:
+    """HPSv2.1's OpenCLIP ViT-H/14 from its architecture config, weights not read; the rest as
+    engine.rewards.hps.HPSv21Reward builds it (fp32 weights, the same preprocessing)."""
+    from engine.rewards.hps import OpenCLIPModel, resolve_arch
+    from engine.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocess
+
+    from engine.rewards.base import ImageReward
+
+    arch = resolve_arch(params.arch)
+
+    class ArchOnlyHPS(ImageReward):
+        def __init__(self):
+            super().__init__()
+            with default_dtype(torch.float32):       # load_openclip returns model.float()
+                self.model = OpenCLIPModel(arch)
+            self.model.set_grad_checkpointing(params.grad_checkpointing)
+            v = arch["vision_cfg"]
+            self.preprocess = ImagePreprocess(
+                size=int(v["image_size"]), mean=tuple(v.get("image_mean") or OPENAI_CLIP_MEAN),
+                std=tuple(v.get("image_std") or OPENAI_CLIP_STD), mode=params.resize, antialias=params.antialias,
+                crop_offset="round", clamp=False)
+
+        def score(self, images, prompts):
+            pixels = self.preprocess(images).to(self.model.text_projection.dtype)
+            f = self.model.encode_image(pixels)
+            # token values change no byte count, and the BPE vocabulary is a file not read here
+            tokens = torch.zeros(len(prompts), self.model.context_length, dtype=torch.long, device=images.device)
+            with torch.no_grad():
+                t = self.model.encode_text(tokens)
+            return (f * t).sum(-1).float()
+
+    return ArchOnlyHPS()
+
+
+CLIP_VIT_H_14 = dict(   # laion/CLIP-ViT-H-14-laion2B-s32B-b79K (PickScore_v1's backbone)
+    projection_dim=1024,
+    text_config=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
+                     max_position_embeddings=77, vocab_size=49408, hidden_act="gelu"),
+    vision_config=dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32,
+                       image_size=224, patch_size=14, hidden_act="gelu"),
+)
+
+
+def _hf_clip_arch(name: str, params) -> tuple[torch.nn.Module, str]:
+    """PickScore / CLIP: transformers' CLIPModel from the folder's config.json (PickScore without
+    one: CLIP ViT-H/14), weights not read; image features as HFCLIPReward computes them, after a
+    shortest-edge resize + 224 crop."""
+    import torch.nn.functional as F
+    from transformers import CLIPConfig, CLIPModel
+
+    from engine.rewards.base import ImageReward
+    from engine.rewards.preprocess import ImagePreprocess
+
+    p = Path(params.path) / "config.json" if getattr(params, "path", "") else None
+    if p is not None and p.is_file():
+        conf, what = _hf_config(CLIPConfig, json.loads(p.read_text())), f"CLIPModel from {p}"
+    elif name == "pickscore":
+        conf, what = CLIPConfig(**CLIP_VIT_H_14), "CLIPModel with CLIP ViT-H/14's config (PickScore_v1's)"
+    else:
+        raise PlanError(f"reward {name!r}: no config.json at reward.params.path to size the model from")
+
+    class ArchOnlyCLIP(ImageReward):
+        def __init__(self):
+            super().__init__()
+            with default_dtype(torch.float32):       # from_pretrained's default dtype
+                self.model = CLIPModel(conf)
+            size = conf.vision_config.image_size
+            self.preprocess = ImagePreprocess(size=size, mode="shortest_crop", resize_to=size)
+
+        def score(self, images, prompts):
+            pixels = self.preprocess(images).to(self.model.visual_projection.weight.dtype)
+            pooled = self.model.vision_model(pixel_values=pixels).pooler_output
+            f = F.normalize(self.model.visual_projection(pooled), dim=-1)
+            ids = torch.zeros(len(prompts), 77, dtype=torch.long, device=images.device)
+            with torch.no_grad():
+                t = F.normalize(self.model.text_projection(self.model.text_model(input_ids=ids).pooler_output), dim=-1)
+            return (f * t).sum(-1).float()
+
+    return ArchOnlyCLIP(), what
+
+
+def build_reward_fake(cfg: TrainConfig) -> tuple[torch.nn.Module | None, str]:
+    """(the training reward at full size, weights not read where they are large; a note). Called
+    under the fake mode."""
+    name, typed = cfg.reward.name, cfg.reward.typed()
+    if name in ("colour", "world"):
+        from engine.rewards import build_reward
+
+        return build_reward(name, **cfg.reward.params), f"{name} (built as in training)"
+    if name == "hpsv21":
+        return _hps_arch(typed), "HPSv2.1: OpenCLIP ViT-H/14 from its architecture config, fp32 (as loaded)"
+    if name in ("pickscore", "clip"):
+        mod, what = _hf_clip_arch(name, typed)
+        return mod, f"{name}: {what}, fp32 (as loaded)"
+    return None, (f"reward {name!r} is not built without its weights: its weights and activations are NOT "
+                  "in this plan")
+
+
+# ---------------------------------------------------------------------- measuring
+def _real_schedule_checks():
+    """The methods check their (real, CPU) sigma schedule with .item(); under the fake mode any op
+    on it would turn fake and .item() fails, so the checks run with the mode unset."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    import engine.leap
+    import engine.methods
+
+    orig = engine.leap.check_sigmas
+
+    def check_sigmas(sigmas):
+        with unset_fake_temporarily():
+            return orig(sigmas)
+
+    st = contextlib.ExitStack()
+    for mod in (engine.leap, engine.methods):
+        st.enter_context(mock.patch.object(mod, "check_sigmas", check_sigmas))
+    return st
+
+
+def attention_flops(batch: int, tokens: int, width: int, blocks: int) -> int:
+    """Attention matmul FLOPs of one forward that FlopCounterMode misses on a CPU (it does not
+    count ``_scaled_dot_product_flash_attention_for_cpu``): QK^T and PV, 4 N^2 D per block."""
+    return 4 * batch * tokens * tokens * width * blocks
+
+
+def _flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False)
+
+
+@dataclass
+class Measured:
+    """One setting's activation terms (bytes beyond the resident ones) and FLOPs."""
+
+    held: int = 0            # one graph-keeping pass: live after its forward
+    pass_fwd_peak: int = 0   # ... peak during its forward
+    pass_peak: int = 0       # ... peak across its forward + backward (gradients included)
+    pass_flops: int = 0      # ... forward + backward FLOPs (attention by hand)
+    decode_peak: int = 0     # VAE decode + reward forward + backward into the latent
+    decode_held: int = 0     # ... live after the forward
+    decode_flops: int = 0
+
+
+class Planner:
+    """The run's model built once on fake tensors; terms measured per setting (block policy,
+    decoder checkpointing) on that same model, switched with ``engine.build``'s apply functions,
+    which replace a previous setting."""
+
+    def __init__(self, cfg: TrainConfig, model_config: str | None = None, device: str | None = None,
+                 log=lambda s: None, short_schedule: bool = True):
+        from engine import build
+        from engine.methods import method_from_config
+        from engine.schedule import flux_sigmas
+
+        self.t0 = time.perf_counter()
+        self.cfg, self.log, self.notes = cfg, log, []
+        m = cfg.model
+        self.target = device or (cfg.device if cfg.device != "auto" else "cuda")
+        self.dtype = build.DTYPES[m.dtype]
+        self.mc = model_configs(cfg, model_config)
+        self.mode = fake_mode()
+        with self._ctx(autocast=False):
+            from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+            from engine.flux.adapter import FluxAdapter
+
+            with default_dtype(self.dtype):
+                transformer = FluxTransformer2DModel.from_config(self.mc["transformer"])
+                vae = AutoencoderKL.from_config(self.mc["vae"])
+            self.adapter = FluxAdapter(transformer, vae, guidance_scale=m.guidance_scale)
+            build.check_image_size(self.adapter, m.height, m.width)
+            self.text_modules, self.text_tokens = build_text_encoders(self.mc, cfg, self.dtype)
+            self.reward, self.reward_note = build_reward_fake(cfg)
+            if self.reward is not None:
+                self.reward.requires_grad_(False).eval()
+            build.apply_lora(transformer, cfg.lora, cfg.seed)
+            transformer.train()
+            self.trainable = build.trainable_parameters(transformer)
+            B = cfg.batch_size
+            tc = transformer.config
+            self.x1 = self.adapter.noise(B, m.height, m.width)
+            pe = torch.randn(B, self.text_tokens, tc.joint_attention_dim)
+            pooled = torch.randn(B, tc.pooled_projection_dim)
+            self.cond = self.adapter.condition(pe, pooled, m.height, m.width)
+            h, w = self.adapter.latent_size(m.height, m.width)
+            self.block_inputs_hw = (h // 2, w // 2)
+        self.method = method_from_config(cfg.method)
+        self.tokens = self.adapter.image_seq_len(m.height, m.width) + self.text_tokens
+        self.sigmas = flux_sigmas(cfg.num_steps, self.adapter.image_seq_len(m.height, m.width))
+        self.short = short_schedule and cfg.method.name == "leapalign"
+        self.log(f"built {self.mc['what']} on fake tensors in {time.perf_counter() - self.t0:.1f}s")
+        self._setting = None
+        self._cache: dict = {}
+
+    # ------------------------------------------------------------------ context
+    @contextlib.contextmanager
+    def _ctx(self, autocast: bool = True):
+        with contextlib.ExitStack() as st:
+            st.enter_context(self.mode)
+            st.enter_context(fake_safe_to())
+            if self.target == "cuda":
+                # the run's fused ops on a GPU are the Triton / CUDA ones, whose fake impls save what
+                # the real kernels save; the torch reference ops (what a CPU runs) save other things
+                from kernels import backend as kb
+
+                if not os.environ.get(kb.ENV_VAR):
+                    st.enter_context(mock.patch.dict(os.environ, {kb.ENV_VAR: "triton"}))
+                if autocast:
+                    # the trainer's CUDA bf16 autocast (generate.autocast), emulated on the CPU:
+                    # matmul / conv outputs of fp32 modules (the reward) in bf16
+                    st.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+            yield
+
+    # ------------------------------------------------------------------ resident
+    def resident(self) -> dict:
+        """{term: {dtype: bytes}} of what stays on the device across iterations."""
+        tr, ad, cfg = self.adapter.transformer, self.adapter, self.cfg
+        lora_ids = {id(p) for n, p in tr.named_parameters() if "lora_" in n}
+        base = [p for p in tr.parameters() if id(p) not in lora_ids] + list(tr.buffers())
+        r = {"transformer base weights": _by_dtype(base),
+             "LoRA weights" if cfg.lora.enabled else "trainable weights (in the base)":
+                 _by_dtype(self.trainable.values()) if cfg.lora.enabled else {},
+             "VAE weights": _by_dtype([*ad.vae.parameters(), *ad.vae.buffers()])}
+        r["reward weights"] = _by_dtype([*self.reward.parameters(), *self.reward.buffers()]) \
+            if self.reward is not None else {}
+        if cfg.embed_cache_dir:
+            r["text encoders (embed_cache_dir: cached on disk / CPU)"] = {}
+        else:
+            for name, mod in self.text_modules.items():
+                r[f"text encoder: {name}"] = _by_dtype([*mod.parameters(), *mod.buffers()])
+        tb = _by_dtype(self.trainable.values())
+        r["AdamW states (exp_avg + exp_avg_sq)"] = {k: 2 * v for k, v in tb.items()}
+        if self.target == "cpu":   # AdamW's step counters live on the CPU unless capturable
+            r["AdamW states (exp_avg + exp_avg_sq)"]["float32"] = \
+                r["AdamW states (exp_avg + exp_avg_sq)"].get("float32", 0) + 4 * len(self.trainable)
+        r["EMA (fp32)"] = {"float32": 4 * sum(p.numel() for p in self.trainable.values())}
+        c = self.cond
+        r["iteration inputs (noise, prompt embeddings, ids)"] = _by_dtype(
+            [self.x1, c.prompt_embeds, c.pooled, c.txt_ids, c.img_ids] + ([c.guidance] if c.guidance is not None else []))
+        return r
+
+    def trainable_bytes(self) -> int:
+        return storage_bytes(self.trainable.values())
+
+    # ------------------------------------------------------------------ settings
+    def apply(self, policy: str, budget_gib: float, checkpoint_reward: bool, reward_ckpt: str) -> dict:
+        """Switch the fake model to a setting (engine.build's own functions)."""
+        from engine import build
+
+        key = (policy, budget_gib, checkpoint_reward, reward_ckpt)
+        if self._setting == key:
+            return self._plan
+        m = dataclasses.replace(self.cfg.model, policy=policy, budget_gib=budget_gib,
+                                checkpoint_reward=checkpoint_reward, reward_ckpt=reward_ckpt)
+        with self._ctx(autocast=False):
+            build.apply_decoder_checkpointing(self.adapter, m)
+            self._plan = build.apply_policy(self.adapter.transformer, m, self.cfg.batch_size, self.text_tokens,
+                                            self.adapter)
+        self._setting = key
+        return self._plan
+
+    def _clear_grads(self):
+        for p in self.trainable.values():
+            p.grad = None
+        gc.collect()
+
+    def _pass_attention(self, recomputed_blocks: float = 0.0) -> int:
+        tc = self.adapter.transformer.config
+        blocks = tc.num_layers + tc.num_single_layers
+        a = attention_flops(self.cfg.batch_size, self.tokens, tc.num_attention_heads * tc.attention_head_dim, 1)
+        # forward 1x, backward 2x, and 1x more for every block whose forward is recomputed
+        return a * (3 * blocks + recomputed_blocks)
+
+    # ------------------------------------------------------------------ terms
+    def rollout(self) -> tuple[int, int]:
+        """(peak live bytes, FLOPs) of one no-grad forward."""
+        if "rollout" not in self._cache:
+            ad, s = self.adapter, self.sigmas[1]
+            with self._ctx(), torch.no_grad():
+                with PeakLiveBytes() as m, _flops() as fc:
+                    v = ad.velocity(self.x1, s, self.cond)
+                del v
+            tc = ad.transformer.config
+            attn = attention_flops(self.cfg.batch_size, self.tokens, tc.num_attention_heads * tc.attention_head_dim,
+                                   tc.num_layers + tc.num_single_layers)
+            self._cache["rollout"] = (m.peak, fc.get_total_flops() + attn)
+        return self._cache["rollout"]
+
+    def pass_terms(self, policy: str, budget_gib: float = 0.0) -> dict:
+        """One graph-keeping pass (its input requiring grad, as at step j): held after forward,
+        forward peak, forward + backward peak, FLOPs."""
+        key = ("pass", policy, budget_gib)
+        if key not in self._cache:
+            m = self.cfg.model
+            plan = self.apply(policy, budget_gib, m.checkpoint_reward, m.reward_ckpt)
+            counts = plan.get("counts", {})
+            recomputed = counts.get("full", 0) if policy in ("full", "budget") else 0
+            if policy == "diffusers":
+                recomputed = sum(counts.values())
+            with self._ctx():
+                x = self.x1.detach().clone().requires_grad_(True)
+                with PeakLiveBytes() as mm, _flops() as fc:
+                    v = self.adapter.velocity(x, self.sigmas[1], self.cond)
+                    held, fwd_peak = mm.live, mm.peak
+                    v.backward(torch.ones_like(v))
+                    del v
+                del x
+                self._clear_grads()
+            self._cache[key] = {"held": held, "fwd_peak": fwd_peak, "peak": mm.peak,
+                                "flops": fc.get_total_flops() + self._pass_attention(recomputed),
+                                "counts": counts}
+        return self._cache[key]
+
+    def decode_terms(self, checkpoint_reward: bool, reward_ckpt: str) -> dict:
+        """VAE decode + reward forward + backward into the latent."""
+        key = ("decode", checkpoint_reward, reward_ckpt if checkpoint_reward else None)
+        if key not in self._cache:
+            if self.reward is None:
+                raise PlanError(self.reward_note)
+            m = self.cfg.model
+            self.apply(self._setting[0] if self._setting else m.policy,
+                       self._setting[1] if self._setting else m.budget_gib, checkpoint_reward, reward_ckpt)
+            H, W = m.height, m.width
+            prompts = ["a red square"] * self.cfg.batch_size
+            with self._ctx():
+                lat = torch.randn_like(self.x1).requires_grad_(True)
+                with PeakLiveBytes() as mm, _flops() as fc:
+                    s = self.reward(self.adapter.decode(lat, H, W), prompts)
+                    held = mm.live
+                    s.sum().backward()
+                    del s
+                del lat
+                gc.collect()
+            self._cache[key] = {"peak": mm.peak, "held": held, "flops": fc.get_total_flops()}
+        return self._cache[key]
+
+    def block_bytes(self) -> tuple[dict, list[str], dict]:
+        """(lean.measure_policy_bytes of the run's block inputs, the block kinds in order, one
+        block's forward FLOPs per kind): what policy=budget plans with, and what a block recomputed
+        by ``full`` costs."""
+        if "blocks" not in self._cache:
+            from engine.flux import lean
+
+            tr = self.adapter.transformer
+            with self._ctx(autocast=False):
+                inputs = lean.block_inputs(tr, self.cfg.batch_size, self.text_tokens, self.block_inputs_hw)
+                per = lean.measure_policy_bytes(tr, inputs)
+                doubles, singles = lean._blocks(tr)
+                fl = {}
+                tc = tr.config
+                attn = attention_flops(self.cfg.batch_size, self.tokens, tc.num_attention_heads * tc.attention_head_dim, 1)
+                with torch.no_grad():
+                    for kind, blocks in (("double", doubles), ("single", singles)):
+                        if blocks:
+                            with _flops() as fc:
+                                blocks[0](**inputs)
+                            fl[kind] = fc.get_total_flops() + attn
+            kinds = ["double"] * len(doubles) + ["single"] * len(singles)
+            self._cache["blocks"] = (per, kinds, fl)
+        return self._cache["blocks"]
+
+    def iteration(self, policy: str, budget_gib: float, checkpoint_reward: bool, reward_ckpt: str) -> dict:
+        """PeakLiveBytes across the method's loss + backward on fake tensors. LeapAlign's peak does
+        not depend on T or on which (k, j) is drawn (bench/results/step_cpu_*.md: T=10 and T=25
+        peak alike), only on its phases: pass k, no-grad steps, pass j, no-grad steps, decode +
+        reward, backward; so it runs T=3 with (k, j) = (0, 1), which has every phase. The other
+        methods run the configured T."""
+        from engine.schedule import flux_sigmas
+
+        key = ("iteration", policy, budget_gib, checkpoint_reward, reward_ckpt if checkpoint_reward else None)
+        if key in self._cache:
+            return self._cache[key]
+        if self.reward is None:
+            raise PlanError(self.reward_note)
+        m = self.cfg.model
+        self.apply(policy, budget_gib, checkpoint_reward, reward_ckpt)
+        prompts = ["a red square"] * self.cfg.batch_size
+        H, W = m.height, m.width
+        reward = self.reward
+
+        def rf(x0):
+            return reward(self.adapter.decode(x0, H, W), prompts)
+
+        t = time.perf_counter()
+        with self._ctx():
+            if self.short:
+                T, choices = 3, {"k": 0, "j": 1}
+                sig = flux_sigmas(T, self.adapter.image_seq_len(H, W))
+            else:
+                T, sig = self.cfg.num_steps, self.sigmas
+                from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+                with unset_fake_temporarily():
+                    choices = self.method.draw(T, torch.Generator().manual_seed(0), torch.zeros(self.x1.shape))
+            with PeakLiveBytes() as mm, _real_schedule_checks():
+                out = self.method.loss(self.adapter.velocity_fn(self.cond), rf, self.x1, sig, **choices)
+                after_fwd = mm.live
+                out.loss.backward()
+                del out
+            self._clear_grads()
+        self._cache[key] = {"peak": mm.peak, "held_after_loss_forward": after_fwd, "T": T,
+                            "choices": {k: v for k, v in choices.items() if isinstance(v, (int, list))},
+                            "seconds": time.perf_counter() - t}
+        return self._cache[key]
+
+
+# ---------------------------------------------------------------------- combining the terms
+def graph_passes(cfg: TrainConfig) -> int:
+    """How many graph-keeping passes of one iteration are alive together."""
+    name = cfg.method.name
+    if name == "leapalign":
+        return 2
+    if name in ("refl", "draft-lv"):
+        return 1     # DRaFT-LV's re-noised copies are scored and backpropagated one at a time
+    if name == "drtune":
+        return cfg.method.drtune.K
+    raise PlanError(f"method {name!r} keeps a graph per step (full backprop): the terms do not combine; "
+                    "its whole iteration is measured, but --budget-gib does not search it")
+
+
+def compose(n: int, held: int, pass_peak: int, rollout_peak: int, decode_peak: int) -> int:
+    """Activation peak from the terms: the last pass's forward + backward while the n-1 earlier
+    graphs are held, or the no-grad rollout steps / the decode + reward forward + backward while
+    all n are held, whichever is larger."""
+    return max((n - 1) * held + pass_peak, n * held + max(rollout_peak, decode_peak))
+
+
+def step_phase(planner: Planner) -> int:
+    """Bytes beyond the resident ones during clip + AdamW + EMA: the gradients, AdamW's
+    sqrt(exp_avg_sq) (foreach over all trainable tensors on a GPU, one tensor at a time on a CPU)
+    and the EMA's fp32 copy of one tensor."""
+    tb = planner.trainable_bytes()
+    largest = max(p.numel() * p.element_size() for p in planner.trainable.values())
+    largest32 = max(p.numel() * 4 for p in planner.trainable.values())
+    return tb + (tb if planner.target == "cuda" else largest) + largest32
+
+
+@dataclass
+class Candidate:
+    overrides: dict
+    policy: str
+    budget_gib: float
+    checkpoint_reward: bool
+    reward_ckpt: str
+    peak: int            # predicted, resident included
+    flops: int           # one iteration (rollout + passes fwd/bwd + decode/reward fwd/bwd)
+    order: int           # tie-break: less recompute first
+    verified: int | None = None
+
+
+POLICY_ORDER = ("none", "lean", "budget", "full", "diffusers")
+DECODER_SETTINGS = ((False, "auto"), (True, "auto"), (True, "resnet"), (True, "block"), (True, "diffusers"))
+
+
+def _gib_up(b: int) -> float:
+    return math.ceil(b / GiB * 1000) / 1000
+
+
+def candidates(p: Planner, resident: int) -> list[Candidate]:
+    """Every (block policy or budget mix) x (decoder checkpointing) setting with its predicted peak
+    (:func:`compose`) and FLOPs."""
+    from engine.flux import lean
+
+    cfg = p.cfg
+    n = graph_passes(cfg)
+    T = cfg.num_steps
+    r_peak, r_flops = p.rollout()
+    step = step_phase(p)
+    passes = {pol: p.pass_terms(pol) for pol in ("none", "lean", "full", "diffusers")}
+    per, kinds, bfl = p.block_bytes()
+    lean_t, full_t = passes["lean"], passes["full"]
+    bwd_extra = max(lean_t["peak"] - lean_t["held"], full_t["peak"] - full_t["held"])
+    extra = [per[k]["lean"] - per[k]["full"] for k in kinds]
+    total_full = sum(per[k]["full"] for k in kinds)
+    pols = [(pol, 0.0, passes[pol]) for pol in ("none", "lean", "full", "diffusers")]
+    # budget mixes: every count of lean blocks plan_budget can produce, at the smallest budget that gives it
+    order = sorted(range(len(kinds)), key=lambda i: (extra[i], i))
+    acc = total_full
+    for c in range(1, len(kinds)):
+        acc += extra[order[c - 1]]
+        gib = _gib_up(acc)
+        plan = lean.plan_budget(kinds, per, int(gib * GiB))
+        lean_blocks = [i for i, x in enumerate(plan) if x == "lean"]
+        full_fl = sum(bfl[kinds[i]] for i in range(len(kinds)) if plan[i] == "full")
+        held = full_t["held"] + sum(extra[i] for i in lean_blocks)
+        pols.append(("budget", gib, {"held": held, "peak": held + bwd_extra, "flops": lean_t["flops"] + full_fl,
+                                     "counts": {"lean": len(lean_blocks), "full": len(kinds) - len(lean_blocks)}}))
+    out = []
+    for ck, rk in DECODER_SETTINGS:
+        d = p.decode_terms(ck, rk)
+        for pol, gib, t in pols:
+            act = compose(n, t["held"], t["peak"], r_peak, d["peak"])
+            ov = {"model.policy": pol}
+            if pol == "budget":
+                ov["model.budget_gib"] = gib
+            ov["model.checkpoint_reward"] = ck
+            if ck:
+                ov["model.reward_ckpt"] = rk
+            flops = (T - n) * r_flops + n * t["flops"] + d["flops"]
+            out.append(Candidate(ov, pol, gib, ck, rk, resident + max(act, step), flops,
+                                 POLICY_ORDER.index(pol) * 10 + DECODER_SETTINGS.index((ck, rk))))
+    return out
+
+
+def search(p: Planner, budget_bytes: int, resident: int, verify: bool = True) -> tuple[Candidate | None, list]:
+    """The fastest setting (fewest FLOPs; ties: less recompute) whose predicted peak fits; with
+    ``verify`` its whole iteration is measured too and it is dropped if that does not fit."""
+    cands = candidates(p, resident)
+    fits = sorted((c for c in cands if c.peak <= budget_bytes), key=lambda c: (c.flops, c.order, -c.budget_gib))
+    step = step_phase(p)
+    for c in fits[:3]:
+        if not verify:
+            return c, cands
+        it = p.iteration(c.policy, c.budget_gib, c.checkpoint_reward, c.reward_ckpt)
+        c.verified = resident + max(it["peak"], step)
+        if c.verified <= budget_bytes:
+            return c, cands
+        p.log(f"{c.overrides}: predicted {c.peak / GiB:.2f} GiB but measured {c.verified / GiB:.2f} GiB; next")
+    return None, cands
+
+
+# ---------------------------------------------------------------------- the report
+def gib(b: int | None) -> str:
+    if b is None:
+        return "-"
+    return f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:.2f} MiB"
+
+
+def run_plan(cfg: TrainConfig, model_config: str | None = None, budget_gib: float | None = None,
+             device: str | None = None, log=lambda s: None, verify: bool = True) -> dict:
+    """Every term of one iteration of ``cfg``, its predicted peak and, with ``budget_gib``, the
+    fastest setting that fits (``"choice"``; None when nothing does)."""
+    p = Planner(cfg, model_config, device, log)
+    m = cfg.model
+    res = p.resident()
+    resident = sum(sum(v.values()) for v in res.values())
+    r_peak, r_flops = p.rollout()
+    log(f"rollout forward measured ({time.perf_counter() - p.t0:.1f}s)")
+    pt = p.pass_terms(m.policy, m.budget_gib)
+    log(f"graph-keeping pass measured ({time.perf_counter() - p.t0:.1f}s)")
+    d = p.decode_terms(m.checkpoint_reward, m.reward_ckpt)
+    log(f"decode + reward measured ({time.perf_counter() - p.t0:.1f}s)")
+    it = p.iteration(m.policy, m.budget_gib, m.checkpoint_reward, m.reward_ckpt)
+    log(f"whole iteration measured ({time.perf_counter() - p.t0:.1f}s)")
+    step = step_phase(p)
+    try:
+        composed = compose(graph_passes(cfg), pt["held"], pt["peak"], r_peak, d["peak"])
+    except PlanError:
+        composed = None
+    out = {"model": p.mc["what"], "target": p.target, "res": (m.height, m.width), "batch": cfg.batch_size,
+           "text_tokens": p.text_tokens, "image_tokens": p.adapter.image_seq_len(m.height, m.width),
+           "reward": p.reward_note, "method": cfg.method.name, "T": cfg.num_steps,
+           "setting": {"model.policy": m.policy, "model.budget_gib": m.budget_gib,
+                       "model.checkpoint_reward": m.checkpoint_reward, "model.reward_ckpt": m.reward_ckpt},
+           "resident": res, "resident_total": resident, "trainable_bytes": p.trainable_bytes(),
+           "lora_params": sum(x.numel() for x in p.trainable.values()),
+           "rollout_peak": r_peak, "forward_flops": r_flops, "pass": pt, "decode": d, "iteration": it,
+           "step_phase": step, "composed": composed,
+           "peak": resident + max(it["peak"], step), "notes": p.notes}
+    if budget_gib is not None:
+        choice, cands = search(p, int(budget_gib * GiB), resident, verify=verify)
+        out["budget_gib"] = budget_gib
+        out["choice"] = dataclasses.asdict(choice) if choice else None
+        best = min(cands, key=lambda c: c.peak)
+        out["smallest"] = dataclasses.asdict(best)
+        out["candidates"] = len(cands)
+        log(f"searched {len(cands)} settings ({time.perf_counter() - p.t0:.1f}s)")
+    out["seconds"] = time.perf_counter() - p.t0
+    return out
+
+
+def overrides_line(ov: dict) -> str:
+    def val(v):
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    return " ".join(f"{k}={val(v)}" for k, v in ov.items())
+
+
+def format_plan(r: dict) -> str:
+    H, W = r["res"]
+    L = [f"plan: {r['model']}, {H}x{W}, batch {r['batch']} ({r['image_tokens']} image + {r['text_tokens']} text "
+         f"tokens), method {r['method']} T={r['T']}, target {r['target']}",
+         f"setting: {overrides_line(r['setting'])}",
+         f"reward: {r['reward']}", "", "resident (stays on the device across iterations):"]
+    for name, by in r["resident"].items():
+        parts = ", ".join(f"{k} {gib(v)}" for k, v in sorted(by.items())) or "none"
+        L.append(f"  {name:<52} {gib(sum(by.values())):>11}   ({parts})")
+    L.append(f"  {'resident total':<52} {gib(r['resident_total']):>11}")
+    pt, d, it = r["pass"], r["decode"], r["iteration"]
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(pt.get("counts", {}).items()))
+    L += ["", "transient (activations, gradients; on top of the resident bytes):",
+          f"  {'rollout: one no-grad forward, peak':<52} {gib(r['rollout_peak']):>11}   "
+          f"({r['forward_flops'] / 1e12:.2f} TFLOP per forward)",
+          f"  {'graph-keeping pass (' + r['setting']['model.policy'] + '): held after forward':<52} "
+          f"{gib(pt['held']):>11}   (blocks: {counts})",
+          f"  {'  same, peak of forward + backward (grads incl.)':<52} {gib(pt['peak']):>11}   "
+          f"(forward alone {gib(pt['fwd_peak'])}; {pt['flops'] / 1e12:.2f} TFLOP fwd+bwd)",
+          f"  {'VAE decode + reward fwd+bwd, peak':<52} {gib(d['peak']):>11}   "
+          f"(held after forward {gib(d['held'])}; {d['flops'] / 1e12:.2f} TFLOP)",
+          f"  {'LoRA / trainable gradients':<52} {gib(r['trainable_bytes']):>11}",
+          f"  {'optimizer step (grads + AdamW / EMA temporaries)':<52} {gib(r['step_phase']):>11}",
+          f"  {'whole iteration (method.loss + backward), peak':<52} {gib(it['peak']):>11}   "
+          f"(T={it['T']} {it['choices']}; held after loss forward {gib(it['held_after_loss_forward'])})"]
+    if r["composed"] is not None:
+        L.append(f"  {'  from the terms (see below)':<52} {gib(r['composed']):>11}")
+    L += ["", f"predicted peak: {gib(r['peak'])} = resident {gib(r['resident_total'])} + "
+              f"max(whole iteration {gib(it['peak'])}, optimizer step {gib(r['step_phase'])})",
+          "  (the whole iteration is PeakLiveBytes across the method's loss + backward on fake tensors, what "
+          "bench/bench_step.py calls whole_iteration_peak; the terms combine as max((n-1) x held + pass peak, "
+          "n x held + max(rollout, decode + reward)) with n graph-keeping passes alive together)"]
+    for note in r["notes"]:
+        L.append(f"note: {note}")
+    if "budget_gib" in r:
+        L.append("")
+        c = r["choice"]
+        if c is None:
+            s = r["smallest"]
+            L.append(f"budget {r['budget_gib']:g} GiB: nothing fits; the smallest setting, "
+                     f"{overrides_line(s['overrides'])}, needs {gib(s['peak'])}")
+        else:
+            ver = f", whole iteration measured {gib(c['verified'])}" if c.get("verified") is not None else ""
+            L += [f"budget {r['budget_gib']:g} GiB: fastest of {r['candidates']} settings that fits "
+                  f"(fewest FLOPs per iteration, {c['flops'] / 1e15:.3f} PFLOP; predicted {gib(c['peak'])}{ver}):",
+                  overrides_line(c["overrides"])]
+    L.append(f"(planned in {r['seconds']:.1f}s)")
+    return "\n".join(L)
