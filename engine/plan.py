@@ -335,24 +335,38 @@ def attention_flops(batch: int, tokens: int, width: int, blocks: int) -> int:
 
 
 def _flops():
+    # never around a memory measurement: its module tracker keeps tensors alive in backward
+    # (a lean pass's backward peak grew by half)
     from torch.utils.flop_counter import FlopCounterMode
 
     return FlopCounterMode(display=False)
 
 
+class PhasePeaks(PeakLiveBytes):
+    """PeakLiveBytes that also records named phases: (name, live at start, peak, live at end)."""
+
+    def __init__(self):
+        super().__init__()
+        self.phases: list[tuple[str, int, int, int]] = []
+        self._cur = None
+
+    def mark(self, name: str | None) -> None:
+        """End the current phase and start ``name`` (None: none)."""
+        if self._cur is not None:
+            n, start, peak = self._cur
+            self.phases.append((n, start, peak, self.live))
+        self._cur = [name, self.live, self.live] if name else None
+
+    def _account(self, shape: tuple, n: int) -> None:
+        super()._account(shape, n)
+        if self._cur is not None and self.live > self._cur[2]:
+            self._cur[2] = self.live
+
+    def get(self, prefix: str) -> list[tuple[str, int, int, int]]:
+        return [p for p in self.phases if p[0].startswith(prefix)]
+
+
 @dataclass
-class Measured:
-    """One setting's activation terms (bytes beyond the resident ones) and FLOPs."""
-
-    held: int = 0            # one graph-keeping pass: live after its forward
-    pass_fwd_peak: int = 0   # ... peak during its forward
-    pass_peak: int = 0       # ... peak across its forward + backward (gradients included)
-    pass_flops: int = 0      # ... forward + backward FLOPs (attention by hand)
-    decode_peak: int = 0     # VAE decode + reward forward + backward into the latent
-    decode_held: int = 0     # ... live after the forward
-    decode_flops: int = 0
-
-
 class Planner:
     """The run's model built once on fake tensors; terms measured per setting (block policy,
     decoder checkpointing) on that same model, switched with ``engine.build``'s apply functions,
@@ -385,7 +399,8 @@ class Planner:
             self.reward, self.reward_note = build_reward_fake(cfg)
             if self.reward is not None:
                 self.reward.requires_grad_(False).eval()
-            build.apply_lora(transformer, cfg.lora, cfg.seed)
+            with default_dtype(self.dtype):   # peft casts new LoRA layers to the base dtype: create them in it
+                build.apply_lora(transformer, cfg.lora, cfg.seed)
             transformer.train()
             self.trainable = build.trainable_parameters(transformer)
             B = cfg.batch_size
@@ -476,107 +491,17 @@ class Planner:
             p.grad = None
         gc.collect()
 
-    def _pass_attention(self, recomputed_blocks: float = 0.0) -> int:
-        tc = self.adapter.transformer.config
-        blocks = tc.num_layers + tc.num_single_layers
-        a = attention_flops(self.cfg.batch_size, self.tokens, tc.num_attention_heads * tc.attention_head_dim, 1)
-        # forward 1x, backward 2x, and 1x more for every block whose forward is recomputed
-        return a * (3 * blocks + recomputed_blocks)
-
     # ------------------------------------------------------------------ terms
-    def rollout(self) -> tuple[int, int]:
-        """(peak live bytes, FLOPs) of one no-grad forward."""
-        if "rollout" not in self._cache:
-            ad, s = self.adapter, self.sigmas[1]
-            with self._ctx(), torch.no_grad():
-                with PeakLiveBytes() as m, _flops() as fc:
-                    v = ad.velocity(self.x1, s, self.cond)
-                del v
-            tc = ad.transformer.config
-            attn = attention_flops(self.cfg.batch_size, self.tokens, tc.num_attention_heads * tc.attention_head_dim,
-                                   tc.num_layers + tc.num_single_layers)
-            self._cache["rollout"] = (m.peak, fc.get_total_flops() + attn)
-        return self._cache["rollout"]
-
-    def pass_terms(self, policy: str, budget_gib: float = 0.0) -> dict:
-        """One graph-keeping pass (its input requiring grad, as at step j): held after forward,
-        forward peak, forward + backward peak, FLOPs."""
-        key = ("pass", policy, budget_gib)
-        if key not in self._cache:
-            m = self.cfg.model
-            plan = self.apply(policy, budget_gib, m.checkpoint_reward, m.reward_ckpt)
-            counts = plan.get("counts", {})
-            recomputed = counts.get("full", 0) if policy in ("full", "budget") else 0
-            if policy == "diffusers":
-                recomputed = sum(counts.values())
-            with self._ctx():
-                x = self.x1.detach().clone().requires_grad_(True)
-                with PeakLiveBytes() as mm, _flops() as fc:
-                    v = self.adapter.velocity(x, self.sigmas[1], self.cond)
-                    held, fwd_peak = mm.live, mm.peak
-                    v.backward(torch.ones_like(v))
-                    del v
-                del x
-                self._clear_grads()
-            self._cache[key] = {"held": held, "fwd_peak": fwd_peak, "peak": mm.peak,
-                                "flops": fc.get_total_flops() + self._pass_attention(recomputed),
-                                "counts": counts}
-        return self._cache[key]
-
-    def decode_terms(self, checkpoint_reward: bool, reward_ckpt: str) -> dict:
-        """VAE decode + reward forward + backward into the latent."""
-        key = ("decode", checkpoint_reward, reward_ckpt if checkpoint_reward else None)
-        if key not in self._cache:
-            if self.reward is None:
-                raise PlanError(self.reward_note)
-            m = self.cfg.model
-            self.apply(self._setting[0] if self._setting else m.policy,
-                       self._setting[1] if self._setting else m.budget_gib, checkpoint_reward, reward_ckpt)
-            H, W = m.height, m.width
-            prompts = ["a red square"] * self.cfg.batch_size
-            with self._ctx():
-                lat = torch.randn_like(self.x1).requires_grad_(True)
-                with PeakLiveBytes() as mm, _flops() as fc:
-                    s = self.reward(self.adapter.decode(lat, H, W), prompts)
-                    held = mm.live
-                    s.sum().backward()
-                    del s
-                del lat
-                gc.collect()
-            self._cache[key] = {"peak": mm.peak, "held": held, "flops": fc.get_total_flops()}
-        return self._cache[key]
-
-    def block_bytes(self) -> tuple[dict, list[str], dict]:
-        """(lean.measure_policy_bytes of the run's block inputs, the block kinds in order, one
-        block's forward FLOPs per kind): what policy=budget plans with, and what a block recomputed
-        by ``full`` costs."""
-        if "blocks" not in self._cache:
-            from engine.flux import lean
-
-            tr = self.adapter.transformer
-            with self._ctx(autocast=False):
-                inputs = lean.block_inputs(tr, self.cfg.batch_size, self.text_tokens, self.block_inputs_hw)
-                per = lean.measure_policy_bytes(tr, inputs)
-                doubles, singles = lean._blocks(tr)
-                fl = {}
-                tc = tr.config
-                attn = attention_flops(self.cfg.batch_size, self.tokens, tc.num_attention_heads * tc.attention_head_dim, 1)
-                with torch.no_grad():
-                    for kind, blocks in (("double", doubles), ("single", singles)):
-                        if blocks:
-                            with _flops() as fc:
-                                blocks[0](**inputs)
-                            fl[kind] = fc.get_total_flops() + attn
-            kinds = ["double"] * len(doubles) + ["single"] * len(singles)
-            self._cache["blocks"] = (per, kinds, fl)
-        return self._cache["blocks"]
-
     def iteration(self, policy: str, budget_gib: float, checkpoint_reward: bool, reward_ckpt: str) -> dict:
-        """PeakLiveBytes across the method's loss + backward on fake tensors. LeapAlign's peak does
-        not depend on T or on which (k, j) is drawn (bench/results/step_cpu_*.md: T=10 and T=25
-        peak alike), only on its phases: pass k, no-grad steps, pass j, no-grad steps, decode +
-        reward, backward; so it runs T=3 with (k, j) = (0, 1), which has every phase. The other
-        methods run the configured T."""
+        """PeakLiveBytes across the method's loss + backward on fake tensors, with every phase's
+        bytes: each no-grad forward's transient, each graph-keeping pass's held bytes and forward
+        peak, the decode + reward forward and backward, each pass's backward.
+
+        LeapAlign's peak depends neither on T nor on which (k, j) is drawn
+        (bench/results/step_cpu_*.md: T=10 and T=25 peak alike), only on its phases: pass k,
+        no-grad steps, pass j, no-grad steps, decode + reward, backward. So it runs T=3 with
+        (k, j) = (0, 1), which has all of them, in a third of the time; the other methods run the
+        configured T and their own draw."""
         from engine.schedule import flux_sigmas
 
         key = ("iteration", policy, budget_gib, checkpoint_reward, reward_ckpt if checkpoint_reward else None)
@@ -585,35 +510,140 @@ class Planner:
         if self.reward is None:
             raise PlanError(self.reward_note)
         m = self.cfg.model
-        self.apply(policy, budget_gib, checkpoint_reward, reward_ckpt)
+        plan = self.apply(policy, budget_gib, checkpoint_reward, reward_ckpt)
         prompts = ["a red square"] * self.cfg.batch_size
         H, W = m.height, m.width
-        reward = self.reward
+        ad, cond, reward = self.adapter, self.cond, self.reward
+        mm = PhasePeaks()
+        calls = []
+
+        def velocity(x, s):
+            grad = torch.is_grad_enabled()
+            i = len(calls)
+            calls.append(grad)
+            mm.mark(f"pass{i}" if grad else f"nograd{i}")
+            v = ad.velocity(x, s, cond)
+            mm.mark(None)
+            if grad and v.requires_grad:   # fires when v's gradient is ready: this pass's backward starts
+                v.register_hook(lambda g, i=i: (mm.mark(f"backward{i}"), g)[1])
+            return v
 
         def rf(x0):
-            return reward(self.adapter.decode(x0, H, W), prompts)
+            mm.mark("decode")
+            if x0.requires_grad:           # fires when the decode + reward backward is done
+                x0.register_hook(lambda g: (mm.mark("leaps backward"), g)[1])
+            r = reward(ad.decode(x0, H, W), prompts)
+            mm.mark(None)
+            return r
 
         t = time.perf_counter()
         with self._ctx():
             if self.short:
                 T, choices = 3, {"k": 0, "j": 1}
-                sig = flux_sigmas(T, self.adapter.image_seq_len(H, W))
+                sig = flux_sigmas(T, ad.image_seq_len(H, W))
             else:
                 T, sig = self.cfg.num_steps, self.sigmas
                 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
                 with unset_fake_temporarily():
                     choices = self.method.draw(T, torch.Generator().manual_seed(0), torch.zeros(self.x1.shape))
-            with PeakLiveBytes() as mm, _real_schedule_checks():
-                out = self.method.loss(self.adapter.velocity_fn(self.cond), rf, self.x1, sig, **choices)
+            with mm, _real_schedule_checks():
+                out = self.method.loss(velocity, rf, self.x1, sig, **choices)
                 after_fwd = mm.live
+                mm.mark("decode backward")
                 out.loss.backward()
+                mm.mark(None)
                 del out
             self._clear_grads()
-        self._cache[key] = {"peak": mm.peak, "held_after_loss_forward": after_fwd, "T": T,
-                            "choices": {k: v for k, v in choices.items() if isinstance(v, (int, list))},
-                            "seconds": time.perf_counter() - t}
+        nograd = [pk - st for _, st, pk, _ in mm.get("nograd")]
+        passes = [{"held": end - st, "fwd_peak": pk - st} for _, st, pk, end in mm.get("pass")]
+        bwd = [pk - st for _, st, pk, _ in mm.get("backward")]
+        dec = mm.get("decode")
+        dec_start = dec[0][1] if dec else 0
+        decode = max((pk for _, _, pk, _ in dec), default=0) - dec_start
+        r = {"peak": mm.peak, "held_after_loss_forward": after_fwd, "T": T,
+             "choices": {k: v for k, v in choices.items() if isinstance(v, (int, list))},
+             "rollout_peak": max(nograd, default=0), "passes": passes, "backward_extra": max(bwd, default=0),
+             "decode_peak": decode, "decode_held": (dec[0][3] - dec_start) if dec else 0,
+             "counts": plan.get("counts", {}), "seconds": time.perf_counter() - t}
+        self._cache[key] = r
+        return r
+
+    def decode_terms(self, checkpoint_reward: bool, reward_ckpt: str, flops: bool = False) -> dict:
+        """VAE decode + reward forward + backward into the latent, alone: its peak (and FLOPs, in
+        a second run: the counter must not be around a memory measurement)."""
+        key = ("decode", checkpoint_reward, reward_ckpt if checkpoint_reward else None, flops)
+        if key not in self._cache:
+            if self.reward is None:
+                raise PlanError(self.reward_note)
+            m = self.cfg.model
+            cur = self._setting or (m.policy, m.budget_gib)
+            self.apply(cur[0], cur[1], checkpoint_reward, reward_ckpt)
+            prompts = ["a red square"] * self.cfg.batch_size
+
+            def run():
+                lat = torch.randn_like(self.x1).requires_grad_(True)
+                self.reward(self.adapter.decode(lat, m.height, m.width), prompts).sum().backward()
+
+            r = {}
+            with self._ctx():
+                with PeakLiveBytes() as mm:
+                    run()
+                gc.collect()
+                r["peak"] = mm.peak
+                if flops:
+                    with _flops() as fc:
+                        run()
+                    r["flops"] = fc.get_total_flops()
+            self._cache[key] = r
         return self._cache[key]
+
+    def block_terms(self) -> dict:
+        """Per block kind (the first double and single block, the run's shapes) and per policy:
+        bytes held after its forward (``lean.measure_saved_bytes``, what policy=budget plans with),
+        its backward's extra peak, and its forward FLOPs (what recomputing it costs)."""
+        if "blocks" not in self._cache:
+            from engine.flux import lean
+
+            tr = self.adapter.transformer
+            tc = tr.config
+            attn = attention_flops(self.cfg.batch_size, self.tokens, tc.num_attention_heads * tc.attention_head_dim, 1)
+            out = {"kinds": [], "held": {}, "bwd_extra": {}, "flops": {}}
+            with self._ctx(autocast=False):
+                inputs = lean.block_inputs(tr, self.cfg.batch_size, self.text_tokens, self.block_inputs_hw)
+                out["per_block_bytes"] = lean.measure_policy_bytes(tr, inputs)
+            with self._ctx():
+                for kind, blocks in zip(("double", "single"), lean._blocks(tr)):
+                    out["kinds"] += [kind] * len(blocks)
+                    if not blocks:
+                        continue
+                    block, before = blocks[0], lean.policy_of(blocks[0])
+                    out["held"][kind], out["bwd_extra"][kind] = {}, {}
+                    try:
+                        for pol in ("none", "lean", "full"):
+                            lean._set_policy(block, pol)
+                            with PeakLiveBytes() as mm:
+                                o = block(**inputs)
+                                held = mm.live
+                                outs = [t for t in torch.utils._pytree.tree_leaves(o) if torch.is_tensor(t) and t.requires_grad]
+                                torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+                                del o, outs
+                            self._clear_grads()
+                            out["held"][kind][pol] = held
+                            out["bwd_extra"][kind][pol] = mm.peak - held
+                    finally:
+                        lean._set_policy(block, before)
+                    with torch.no_grad(), _flops() as fc:
+                        block(**inputs)
+                    out["flops"][kind] = fc.get_total_flops() + attn
+            self._cache["blocks"] = out
+        return self._cache["blocks"]
+
+    def forward_flops(self) -> int:
+        """One forward: the blocks' FLOPs (counted on one block of each kind, attention by hand);
+        the embedders and the output projection add well under 1 %."""
+        b = self.block_terms()
+        return sum(b["flops"][k] for k in b["kinds"])
 
 
 # ---------------------------------------------------------------------- combining the terms
@@ -626,18 +656,18 @@ def graph_passes(cfg: TrainConfig) -> int:
         return 1     # DRaFT-LV's re-noised copies are scored and backpropagated one at a time
     if name == "drtune":
         return cfg.method.drtune.K
-    raise PlanError(f"method {name!r} keeps a graph per step (full backprop): the terms do not combine; "
-                    "its whole iteration is measured, but --budget-gib does not search it")
+    raise PlanError(f"method {name!r} keeps a graph per step (full backprop): its whole iteration is measured, "
+                    "but the terms do not combine and --budget-gib does not search it")
 
 
-def compose(n: int, held: int, pass_peak: int, rollout_peak: int, decode_peak: int) -> int:
-    """Activation peak from the terms: the last pass's forward + backward while the n-1 earlier
-    graphs are held, or the no-grad rollout steps / the decode + reward forward + backward while
-    all n are held, whichever is larger."""
-    return max((n - 1) * held + pass_peak, n * held + max(rollout_peak, decode_peak))
+def compose(n: int, held: int, fwd_peak: int, rollout: int, decode: int, backward_extra: int) -> int:
+    """Activation peak from the terms, n graph-keeping passes alive together: the last pass's
+    forward while n-1 graphs are held, or, with all n held, a no-grad rollout step, the decode +
+    reward forward / backward, or a pass's backward, whichever is largest."""
+    return max((n - 1) * held + fwd_peak, n * held + max(rollout, decode, backward_extra))
 
 
-def step_phase(planner: Planner) -> int:
+def step_phase(planner: "Planner") -> int:
     """Bytes beyond the resident ones during clip + AdamW + EMA: the gradients, AdamW's
     sqrt(exp_avg_sq) (foreach over all trainable tensors on a GPU, one tensor at a time on a CPU)
     and the EMA's fp32 copy of one tensor."""
@@ -655,7 +685,7 @@ class Candidate:
     checkpoint_reward: bool
     reward_ckpt: str
     peak: int            # predicted, resident included
-    flops: int           # one iteration (rollout + passes fwd/bwd + decode/reward fwd/bwd)
+    flops: int           # one iteration, by the cost model (:func:`candidates`)
     order: int           # tie-break: less recompute first
     verified: int | None = None
 
@@ -668,56 +698,81 @@ def _gib_up(b: int) -> float:
     return math.ceil(b / GiB * 1000) / 1000
 
 
-def candidates(p: Planner, resident: int) -> list[Candidate]:
-    """Every (block policy or budget mix) x (decoder checkpointing) setting with its predicted peak
-    (:func:`compose`) and FLOPs."""
+def _block_plan(policy: str, kinds: list[str], per: dict, budget_gib: float) -> list[str]:
     from engine.flux import lean
 
+    if policy == "budget":
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return lean.plan_budget(kinds, per, int(budget_gib * GiB))
+    # diffusers' checkpointing keeps a block's inputs and recomputes it, as ``full`` does
+    return ["full" if policy == "diffusers" else policy] * len(kinds)
+
+
+def candidates(p: "Planner", resident: int, base: dict) -> list[Candidate]:
+    """Every (block policy or budget mix) x (decoder checkpointing) setting, its predicted peak
+    and its cost. ``base`` is the configured setting's whole iteration; another block policy
+    changes each block's held bytes and backward extra by what one block of that kind measures
+    (:meth:`Planner.block_terms`); another decoder setting swaps in its own decode + reward peak.
+
+    Cost model (FLOPs per iteration): T forwards + n backwards of the passes (1 forward's worth
+    with the base frozen -- input gradients only --, 2 with all weights trainable) + the forward of
+    every block a policy recomputes, in each of the n passes + the decode + reward forward and
+    backward with its recomputation (FlopCounterMode). Lean recomputes only elementwise chains,
+    which this counts as free; ties go to less recompute (none, lean, budget, full, diffusers)."""
     cfg = p.cfg
     n = graph_passes(cfg)
     T = cfg.num_steps
-    r_peak, r_flops = p.rollout()
     step = step_phase(p)
-    passes = {pol: p.pass_terms(pol) for pol in ("none", "lean", "full", "diffusers")}
-    per, kinds, bfl = p.block_bytes()
-    lean_t, full_t = passes["lean"], passes["full"]
-    bwd_extra = max(lean_t["peak"] - lean_t["held"], full_t["peak"] - full_t["held"])
+    b = p.block_terms()
+    kinds, per = b["kinds"], b["per_block_bytes"]
+    m = cfg.model
+    cfg_plan = _block_plan(m.policy, kinds, per, m.budget_gib)
+
+    def held(plan):
+        return sum(per[k][x] for k, x in zip(kinds, plan))
+
+    def bwd(plan):
+        return max(b["bwd_extra"][k][x] for k, x in zip(kinds, plan))
+
+    H0 = max(x["held"] for x in base["passes"])
+    F0 = max(x["fwd_peak"] for x in base["passes"])
+    fwd = p.forward_flops()
+    bwd_flops = fwd * (1 if cfg.lora.enabled else 2)
+    settings = [(pol, 0.0) for pol in ("none", "lean", "full", "diffusers")]
+    # budget mixes: every count of lean blocks plan_budget can produce, at the smallest budget giving it
     extra = [per[k]["lean"] - per[k]["full"] for k in kinds]
-    total_full = sum(per[k]["full"] for k in kinds)
-    pols = [(pol, 0.0, passes[pol]) for pol in ("none", "lean", "full", "diffusers")]
-    # budget mixes: every count of lean blocks plan_budget can produce, at the smallest budget that gives it
-    order = sorted(range(len(kinds)), key=lambda i: (extra[i], i))
-    acc = total_full
-    for c in range(1, len(kinds)):
-        acc += extra[order[c - 1]]
-        gib = _gib_up(acc)
-        plan = lean.plan_budget(kinds, per, int(gib * GiB))
-        lean_blocks = [i for i, x in enumerate(plan) if x == "lean"]
-        full_fl = sum(bfl[kinds[i]] for i in range(len(kinds)) if plan[i] == "full")
-        held = full_t["held"] + sum(extra[i] for i in lean_blocks)
-        pols.append(("budget", gib, {"held": held, "peak": held + bwd_extra, "flops": lean_t["flops"] + full_fl,
-                                     "counts": {"lean": len(lean_blocks), "full": len(kinds) - len(lean_blocks)}}))
+    acc = sum(per[k]["full"] for k in kinds)
+    for i in sorted(range(len(kinds)), key=lambda i: (extra[i], i))[:-1]:
+        acc += extra[i]
+        settings.append(("budget", _gib_up(acc)))
     out = []
     for ck, rk in DECODER_SETTINGS:
-        d = p.decode_terms(ck, rk)
-        for pol, gib, t in pols:
-            act = compose(n, t["held"], t["peak"], r_peak, d["peak"])
+        d = p.decode_terms(ck, rk, flops=True)
+        for pol, gib_ in settings:
+            plan = _block_plan(pol, kinds, per, gib_)
+            dh = held(plan) - held(cfg_plan)
+            act = compose(n, H0 + dh, F0 + dh, base["rollout_peak"], d["peak"],
+                          base["backward_extra"] - bwd(cfg_plan) + bwd(plan))
+            recompute = sum(b["flops"][k] for k, x in zip(kinds, plan) if x == "full")
             ov = {"model.policy": pol}
             if pol == "budget":
-                ov["model.budget_gib"] = gib
+                ov["model.budget_gib"] = gib_
             ov["model.checkpoint_reward"] = ck
             if ck:
                 ov["model.reward_ckpt"] = rk
-            flops = (T - n) * r_flops + n * t["flops"] + d["flops"]
-            out.append(Candidate(ov, pol, gib, ck, rk, resident + max(act, step), flops,
+            flops = T * fwd + n * (bwd_flops + recompute) + d["flops"]
+            out.append(Candidate(ov, pol, gib_, ck, rk, resident + max(act, step), flops,
                                  POLICY_ORDER.index(pol) * 10 + DECODER_SETTINGS.index((ck, rk))))
     return out
 
 
-def search(p: Planner, budget_bytes: int, resident: int, verify: bool = True) -> tuple[Candidate | None, list]:
-    """The fastest setting (fewest FLOPs; ties: less recompute) whose predicted peak fits; with
-    ``verify`` its whole iteration is measured too and it is dropped if that does not fit."""
-    cands = candidates(p, resident)
+def search(p: "Planner", budget_bytes: int, resident: int, base: dict, verify: bool = True):
+    """(the fastest setting whose predicted peak fits, or None; every candidate). With ``verify``
+    the choice's whole iteration is measured too, and a choice that does not fit is dropped."""
+    cands = candidates(p, resident, base)
     fits = sorted((c for c in cands if c.peak <= budget_bytes), key=lambda c: (c.flops, c.order, -c.budget_gib))
     step = step_phase(p)
     for c in fits[:3]:
@@ -727,7 +782,7 @@ def search(p: Planner, budget_bytes: int, resident: int, verify: bool = True) ->
         c.verified = resident + max(it["peak"], step)
         if c.verified <= budget_bytes:
             return c, cands
-        p.log(f"{c.overrides}: predicted {c.peak / GiB:.2f} GiB but measured {c.verified / GiB:.2f} GiB; next")
+        p.log(f"{overrides_line(c.overrides)}: predicted {gib(c.peak)} but measured {gib(c.verified)}; next")
     return None, cands
 
 
@@ -738,49 +793,6 @@ def gib(b: int | None) -> str:
     return f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:.2f} MiB"
 
 
-def run_plan(cfg: TrainConfig, model_config: str | None = None, budget_gib: float | None = None,
-             device: str | None = None, log=lambda s: None, verify: bool = True) -> dict:
-    """Every term of one iteration of ``cfg``, its predicted peak and, with ``budget_gib``, the
-    fastest setting that fits (``"choice"``; None when nothing does)."""
-    p = Planner(cfg, model_config, device, log)
-    m = cfg.model
-    res = p.resident()
-    resident = sum(sum(v.values()) for v in res.values())
-    r_peak, r_flops = p.rollout()
-    log(f"rollout forward measured ({time.perf_counter() - p.t0:.1f}s)")
-    pt = p.pass_terms(m.policy, m.budget_gib)
-    log(f"graph-keeping pass measured ({time.perf_counter() - p.t0:.1f}s)")
-    d = p.decode_terms(m.checkpoint_reward, m.reward_ckpt)
-    log(f"decode + reward measured ({time.perf_counter() - p.t0:.1f}s)")
-    it = p.iteration(m.policy, m.budget_gib, m.checkpoint_reward, m.reward_ckpt)
-    log(f"whole iteration measured ({time.perf_counter() - p.t0:.1f}s)")
-    step = step_phase(p)
-    try:
-        composed = compose(graph_passes(cfg), pt["held"], pt["peak"], r_peak, d["peak"])
-    except PlanError:
-        composed = None
-    out = {"model": p.mc["what"], "target": p.target, "res": (m.height, m.width), "batch": cfg.batch_size,
-           "text_tokens": p.text_tokens, "image_tokens": p.adapter.image_seq_len(m.height, m.width),
-           "reward": p.reward_note, "method": cfg.method.name, "T": cfg.num_steps,
-           "setting": {"model.policy": m.policy, "model.budget_gib": m.budget_gib,
-                       "model.checkpoint_reward": m.checkpoint_reward, "model.reward_ckpt": m.reward_ckpt},
-           "resident": res, "resident_total": resident, "trainable_bytes": p.trainable_bytes(),
-           "lora_params": sum(x.numel() for x in p.trainable.values()),
-           "rollout_peak": r_peak, "forward_flops": r_flops, "pass": pt, "decode": d, "iteration": it,
-           "step_phase": step, "composed": composed,
-           "peak": resident + max(it["peak"], step), "notes": p.notes}
-    if budget_gib is not None:
-        choice, cands = search(p, int(budget_gib * GiB), resident, verify=verify)
-        out["budget_gib"] = budget_gib
-        out["choice"] = dataclasses.asdict(choice) if choice else None
-        best = min(cands, key=lambda c: c.peak)
-        out["smallest"] = dataclasses.asdict(best)
-        out["candidates"] = len(cands)
-        log(f"searched {len(cands)} settings ({time.perf_counter() - p.t0:.1f}s)")
-    out["seconds"] = time.perf_counter() - p.t0
-    return out
-
-
 def overrides_line(ov: dict) -> str:
     def val(v):
         return str(v).lower() if isinstance(v, bool) else str(v)
@@ -788,38 +800,79 @@ def overrides_line(ov: dict) -> str:
     return " ".join(f"{k}={val(v)}" for k, v in ov.items())
 
 
+def run_plan(cfg: TrainConfig, model_config: str | None = None, budget_gib: float | None = None,
+             device: str | None = None, log=lambda s: None, verify: bool = False) -> dict:
+    """Every term of one iteration of ``cfg`` and its predicted peak; with ``budget_gib`` the
+    fastest setting that fits (``"choice"``, None when nothing does)."""
+    p = Planner(cfg, model_config, device, log)
+    m = cfg.model
+    res = p.resident()
+    resident = sum(sum(v.values()) for v in res.values())
+    it = p.iteration(m.policy, m.budget_gib, m.checkpoint_reward, m.reward_ckpt)
+    log(f"whole iteration measured ({time.perf_counter() - p.t0:.1f}s)")
+    step = step_phase(p)
+    try:
+        n = graph_passes(cfg)
+        H = max(x["held"] for x in it["passes"])
+        composed = compose(n, H, max(x["fwd_peak"] for x in it["passes"]), it["rollout_peak"], it["decode_peak"],
+                           it["backward_extra"])
+    except PlanError:
+        n, composed = None, None
+    out = {"model": p.mc["what"], "target": p.target, "res": (m.height, m.width), "batch": cfg.batch_size,
+           "text_tokens": p.text_tokens, "image_tokens": p.adapter.image_seq_len(m.height, m.width),
+           "reward": p.reward_note, "method": cfg.method.name, "T": cfg.num_steps, "graph_passes": n,
+           "setting": {"model.policy": m.policy, "model.budget_gib": m.budget_gib,
+                       "model.checkpoint_reward": m.checkpoint_reward, "model.reward_ckpt": m.reward_ckpt},
+           "resident": res, "resident_total": resident, "trainable_bytes": p.trainable_bytes(),
+           "trainable_params": sum(x.numel() for x in p.trainable.values()),
+           "iteration": it, "step_phase": step, "composed": composed,
+           "peak": resident + max(it["peak"], step), "notes": p.notes}
+    if budget_gib is not None:
+        out["forward_flops"] = p.forward_flops()
+        choice, cands = search(p, int(budget_gib * GiB), resident, it, verify=verify)
+        out["budget_gib"] = budget_gib
+        out["choice"] = dataclasses.asdict(choice) if choice else None
+        out["smallest"] = dataclasses.asdict(min(cands, key=lambda c: (c.peak, c.flops)))
+        out["candidates"] = len(cands)
+        log(f"searched {len(cands)} settings ({time.perf_counter() - p.t0:.1f}s)")
+    out["seconds"] = time.perf_counter() - p.t0
+    return out
+
+
 def format_plan(r: dict) -> str:
     H, W = r["res"]
+    it = r["iteration"]
     L = [f"plan: {r['model']}, {H}x{W}, batch {r['batch']} ({r['image_tokens']} image + {r['text_tokens']} text "
          f"tokens), method {r['method']} T={r['T']}, target {r['target']}",
          f"setting: {overrides_line(r['setting'])}",
-         f"reward: {r['reward']}", "", "resident (stays on the device across iterations):"]
+         f"reward: {r['reward']}", "", "resident (on the device across iterations):"]
     for name, by in r["resident"].items():
         parts = ", ".join(f"{k} {gib(v)}" for k, v in sorted(by.items())) or "none"
-        L.append(f"  {name:<52} {gib(sum(by.values())):>11}   ({parts})")
-    L.append(f"  {'resident total':<52} {gib(r['resident_total']):>11}")
-    pt, d, it = r["pass"], r["decode"], r["iteration"]
-    counts = ", ".join(f"{v} {k}" for k, v in sorted(pt.get("counts", {}).items()))
-    L += ["", "transient (activations, gradients; on top of the resident bytes):",
-          f"  {'rollout: one no-grad forward, peak':<52} {gib(r['rollout_peak']):>11}   "
-          f"({r['forward_flops'] / 1e12:.2f} TFLOP per forward)",
-          f"  {'graph-keeping pass (' + r['setting']['model.policy'] + '): held after forward':<52} "
-          f"{gib(pt['held']):>11}   (blocks: {counts})",
-          f"  {'  same, peak of forward + backward (grads incl.)':<52} {gib(pt['peak']):>11}   "
-          f"(forward alone {gib(pt['fwd_peak'])}; {pt['flops'] / 1e12:.2f} TFLOP fwd+bwd)",
-          f"  {'VAE decode + reward fwd+bwd, peak':<52} {gib(d['peak']):>11}   "
-          f"(held after forward {gib(d['held'])}; {d['flops'] / 1e12:.2f} TFLOP)",
-          f"  {'LoRA / trainable gradients':<52} {gib(r['trainable_bytes']):>11}",
-          f"  {'optimizer step (grads + AdamW / EMA temporaries)':<52} {gib(r['step_phase']):>11}",
-          f"  {'whole iteration (method.loss + backward), peak':<52} {gib(it['peak']):>11}   "
-          f"(T={it['T']} {it['choices']}; held after loss forward {gib(it['held_after_loss_forward'])})"]
+        L.append(f"  {name:<54} {gib(sum(by.values())):>11}   ({parts})")
+    L.append(f"  {'resident total':<54} {gib(r['resident_total']):>11}")
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(it["counts"].items()))
+    L += ["", f"transient (activations and gradients on top; measured inside one whole iteration, T={it['T']} "
+              f"{it['choices']}):",
+          f"  {'rollout: one no-grad forward, peak':<54} {gib(it['rollout_peak']):>11}"]
+    for i, ps in enumerate(it["passes"]):
+        L.append(f"  {f'graph-keeping pass {i + 1} ({counts}): held after forward':<54} {gib(ps['held']):>11}   "
+                 f"(forward peak {gib(ps['fwd_peak'])})")
+    L += [f"  {'VAE decode + reward forward + backward, peak':<54} {gib(it['decode_peak']):>11}   "
+          f"(held after forward {gib(it['decode_held'])})",
+          f"  {'a pass backward, extra peak (gradients included)':<54} {gib(it['backward_extra']):>11}",
+          f"  {'LoRA / trainable gradients':<54} {gib(r['trainable_bytes']):>11}   "
+          f"({r['trainable_params'] / 1e6:.1f} M parameters)",
+          f"  {'optimizer step (gradients + AdamW / EMA temporaries)':<54} {gib(r['step_phase']):>11}",
+          f"  {'whole iteration (method.loss + backward), peak':<54} {gib(it['peak']):>11}   "
+          f"(held after the loss forward {gib(it['held_after_loss_forward'])})"]
     if r["composed"] is not None:
-        L.append(f"  {'  from the terms (see below)':<52} {gib(r['composed']):>11}")
+        L.append(f"  {'  the same from the terms above':<54} {gib(r['composed']):>11}")
     L += ["", f"predicted peak: {gib(r['peak'])} = resident {gib(r['resident_total'])} + "
               f"max(whole iteration {gib(it['peak'])}, optimizer step {gib(r['step_phase'])})",
-          "  (the whole iteration is PeakLiveBytes across the method's loss + backward on fake tensors, what "
-          "bench/bench_step.py calls whole_iteration_peak; the terms combine as max((n-1) x held + pass peak, "
-          "n x held + max(rollout, decode + reward)) with n graph-keeping passes alive together)"]
+          "  how: the whole iteration is PeakLiveBytes across the method's loss + backward on fake tensors (bench's "
+          "whole_iteration_peak); the parameters and optimizer state are resident; the terms combine as "
+          "max((n-1) x held + pass forward peak, n x held + max(rollout, decode + reward, pass backward))"
+          + (f" with n = {r['graph_passes']} graph-keeping passes alive together" if r["graph_passes"] else "")]
     for note in r["notes"]:
         L.append(f"note: {note}")
     if "budget_gib" in r:
@@ -827,12 +880,12 @@ def format_plan(r: dict) -> str:
         c = r["choice"]
         if c is None:
             s = r["smallest"]
-            L.append(f"budget {r['budget_gib']:g} GiB: nothing fits; the smallest setting, "
+            L.append(f"budget {r['budget_gib']:g} GiB: nothing fits; the smallest of {r['candidates']} settings, "
                      f"{overrides_line(s['overrides'])}, needs {gib(s['peak'])}")
         else:
-            ver = f", whole iteration measured {gib(c['verified'])}" if c.get("verified") is not None else ""
-            L += [f"budget {r['budget_gib']:g} GiB: fastest of {r['candidates']} settings that fits "
-                  f"(fewest FLOPs per iteration, {c['flops'] / 1e15:.3f} PFLOP; predicted {gib(c['peak'])}{ver}):",
+            ver = f"; its whole iteration measured {gib(c['verified'])}" if c.get("verified") is not None else ""
+            L += [f"budget {r['budget_gib']:g} GiB: the fastest of {r['candidates']} settings that fits "
+                  f"({c['flops'] / 1e15:.2f} PFLOP per iteration by the cost model; predicted {gib(c['peak'])}{ver}):",
                   overrides_line(c["overrides"])]
     L.append(f"(planned in {r['seconds']:.1f}s)")
     return "\n".join(L)
