@@ -164,9 +164,11 @@ def _plan(args) -> int:
         Path(args.json).write_text(json.dumps(r, indent=1, default=str))
     if args.budget_gib is not None and r["choice"] is None:
         s = r["smallest"]
-        from engine.plan import gib
+        from engine.plan import gib, overrides_line
 
-        print(f"error: nothing fits {args.budget_gib:g} GiB; the smallest setting needs {gib(s['peak'])}", file=sys.stderr)
+        what = s.get("what") or overrides_line(s["overrides"])
+        print(f"error: nothing fits {args.budget_gib:g} GiB; the least it takes is {gib(s['peak'])} ({what})",
+              file=sys.stderr)
         return 2
     return 0
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -174,9 +173,10 @@ def model_configs(cfg: TrainConfig, model_config: str | None = None) -> dict:
     out = {"what": f"{folder} (its config.json files, weights not read)", "text": text,
            "transformer": _read_json(folder / "transformer" / "config.json"),
            "vae": _read_json(folder / "vae" / "config.json")}
-    if text == "folder":
+    if text == "folder" and not cfg.embed_cache_dir:
         out["text_encoder"] = _read_json(folder / "text_encoder" / "config.json")
         out["text_encoder_2"] = _read_json(folder / "text_encoder_2" / "config.json")
+    if text == "folder":
         out["text_tokens"] = 512     # PipelineTextEncoder's max_sequence_length
     return out
 
@@ -187,7 +187,10 @@ def _hf_config(cls, d: dict):
 
 
 def build_text_encoders(mc: dict, cfg: TrainConfig, dtype: torch.dtype):
-    """(modules that stay on the GPU in training, prompt tokens per sample)."""
+    """(modules that stay on the GPU in training, prompt tokens per sample). With
+    ``embed_cache_dir`` the encoders run once, before training, and are released: none stay."""
+    if cfg.embed_cache_dir and mc.get("text") not in ("tiny", "world"):
+        return {}, mc["text_tokens"]
     if mc.get("text") == "tiny":
         from engine.flux.tiny import HashTextEncoder
 
@@ -489,7 +492,6 @@ class Planner:
     def _clear_grads(self):
         for p in self.trainable.values():
             p.grad = None
-        gc.collect()
 
     # ------------------------------------------------------------------ terms
     def iteration(self, policy: str, budget_gib: float, checkpoint_reward: bool, reward_ckpt: str) -> dict:
@@ -589,7 +591,6 @@ class Planner:
             with self._ctx():
                 with PeakLiveBytes() as mm:
                     run()
-                gc.collect()
                 r["peak"] = mm.peak
                 if flops:
                     with _flops() as fc:
@@ -772,6 +773,8 @@ def candidates(p: "Planner", resident: int, base: dict) -> list[Candidate]:
 def search(p: "Planner", budget_bytes: int, resident: int, base: dict, verify: bool = True):
     """(the fastest setting whose predicted peak fits, or None; every candidate). With ``verify``
     the choice's whole iteration is measured too, and a choice that does not fit is dropped."""
+    if resident > budget_bytes:   # no activation setting can help: say so without measuring them
+        return None, []
     cands = candidates(p, resident, base)
     fits = sorted((c for c in cands if c.peak <= budget_bytes), key=lambda c: (c.flops, c.order, -c.budget_gib))
     step = step_phase(p)
@@ -832,7 +835,8 @@ def run_plan(cfg: TrainConfig, model_config: str | None = None, budget_gib: floa
         choice, cands = search(p, int(budget_gib * GiB), resident, it, verify=verify)
         out["budget_gib"] = budget_gib
         out["choice"] = dataclasses.asdict(choice) if choice else None
-        out["smallest"] = dataclasses.asdict(min(cands, key=lambda c: (c.peak, c.flops)))
+        out["smallest"] = dataclasses.asdict(min(cands, key=lambda c: (c.peak, c.flops))) if cands else \
+            {"overrides": {}, "peak": resident, "what": "the resident bytes alone (weights, optimizer state, EMA)"}
         out["candidates"] = len(cands)
         log(f"searched {len(cands)} settings ({time.perf_counter() - p.t0:.1f}s)")
     out["seconds"] = time.perf_counter() - p.t0
@@ -880,8 +884,8 @@ def format_plan(r: dict) -> str:
         c = r["choice"]
         if c is None:
             s = r["smallest"]
-            L.append(f"budget {r['budget_gib']:g} GiB: nothing fits; the smallest of {r['candidates']} settings, "
-                     f"{overrides_line(s['overrides'])}, needs {gib(s['peak'])}")
+            what = s.get("what") or f"the smallest of {r['candidates']} settings, {overrides_line(s['overrides'])}"
+            L.append(f"budget {r['budget_gib']:g} GiB: nothing fits; the least it takes is {gib(s['peak'])} ({what})")
         else:
             ver = f"; its whole iteration measured {gib(c['verified'])}" if c.get("verified") is not None else ""
             L += [f"budget {r['budget_gib']:g} GiB: the fastest of {r['candidates']} settings that fits "
