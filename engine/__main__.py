@@ -156,7 +156,8 @@ def _plan(args) -> int:
     from engine.plan import format_plan, run_plan
 
     log = (lambda s: print(f"  .. {s}", file=sys.stderr, flush=True)) if args.verbose else (lambda s: None)
-    r = run_plan(cfg, model_config=args.model_config, budget_gib=args.budget_gib, device=args.device, log=log)
+    r = run_plan(cfg, model_config=args.model_config, budget_gib=args.budget_gib, device=args.device, log=log,
+                 verify=args.verify)
     print(format_plan(r))
     if args.json:
         from pathlib import Path
@@ -233,6 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-gib", type=float, default=None, help="GPU memory to fit, in GiB")
     p.add_argument("--device", default=None, choices=("cuda", "cpu"),
                    help="the device the run will train on (default: the config's; cuda for device=auto)")
+    p.add_argument("--verify", action="store_true",
+                   help="with --budget-gib: also measure the chosen setting's whole iteration (about a minute more)")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     p.add_argument("--verbose", action="store_true", help="progress on stderr")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.height=1024 model.width=1024")

@@ -382,7 +382,7 @@ class Planner:
         from engine.schedule import flux_sigmas
 
         self.t0 = time.perf_counter()
-        self.cfg, self.log, self.notes = cfg, log, []
+        self.cfg, self.log, self.notes, self.model_config = cfg, log, [], model_config
         m = cfg.model
         self.target = device or (cfg.device if cfg.device != "auto" else "cuda")
         self.dtype = build.DTYPES[m.dtype]
@@ -689,6 +689,7 @@ class Candidate:
     flops: int           # one iteration, by the cost model (:func:`candidates`)
     order: int           # tie-break: less recompute first
     verified: int | None = None
+    source: int = 0      # which lever setting's Planner (search)
 
 
 POLICY_ORDER = ("none", "lean", "budget", "full", "diffusers")
@@ -770,19 +771,82 @@ def candidates(p: "Planner", resident: int, base: dict) -> list[Candidate]:
     return out
 
 
-def search(p: "Planner", budget_bytes: int, resident: int, base: dict, verify: bool = True):
+# More levers for the --budget-gib search: (config key, values, the preferred -- faster -- first),
+# tried only where this config has the key (e.g. model.base_precision: the frozen base stored in
+# fp8 halves its bytes for a dequantising matmul). Each other value is planned by a Planner rebuilt
+# on the overridden config, so a lever is sized by what the build does with it; a build feature
+# is applied in Planner.__init__ in engine.build's order, as apply_lora is. A value that changes no
+# term is reported and not offered.
+LEVERS: list[tuple[str, tuple]] = [("model.base_precision", ("bf16", "fp8"))]
+
+
+def _has_key(cfg, key: str) -> bool:
+    node = cfg
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            return False
+        node = getattr(node, part)
+    return True
+
+
+def _get(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def lever_settings(cfg: TrainConfig, levers=None) -> list[dict]:
+    """Every combination of the levers this config has, its own values first."""
+    import itertools
+
+    present = [(k, v) for k, v in (LEVERS if levers is None else levers) if _has_key(cfg, k)]
+    own = {k: _get(cfg, k) for k, _ in present}
+    combos = [dict(zip([k for k, _ in present], vals)) for vals in itertools.product(*[v for _, v in present])]
+    return [own] + [c for c in combos if c != own]
+
+
+def _override(cfg: TrainConfig, ov: dict) -> TrainConfig:
+    from engine.config import apply_overrides, from_dict, to_dict
+
+    return from_dict(apply_overrides(to_dict(cfg), [f"{k}={v}" for k, v in ov.items()]))
+
+
+def search(p: "Planner", budget_bytes: int, resident: int, base: dict, verify: bool = True, levers=None):
     """(the fastest setting whose predicted peak fits, or None; every candidate). With ``verify``
     the choice's whole iteration is measured too, and a choice that does not fit is dropped."""
-    if resident > budget_bytes:   # no activation setting can help: say so without measuring them
-        return None, []
-    cands = candidates(p, resident, base)
+    settings = lever_settings(p.cfg, levers)
+    planners, residents, cands = [], [], []
+    for i, ov in enumerate(settings):
+        if i == 0:
+            q, res_q, base_q = p, resident, base
+        else:
+            q = Planner(_override(p.cfg, ov), p.model_config, p.target, p.log)
+            res_q = sum(sum(v.values()) for v in q.resident().values())
+            if res_q > budget_bytes:
+                continue
+            m = q.cfg.model
+            base_q = q.iteration(m.policy, m.budget_gib, m.checkpoint_reward, m.reward_ckpt)
+            if res_q == resident and base_q["peak"] == base["peak"]:
+                p.notes.append(f"{overrides_line(ov)} changes no term in this build: not offered")
+                continue
+        if res_q > budget_bytes:   # no activation setting can help: say so without measuring them
+            continue
+        for c in candidates(q, res_q, base_q):
+            if i:
+                c.overrides = {**ov, **c.overrides}
+            c.order += 100 * i
+            c.source = len(planners)
+            cands.append(c)
+        planners.append(q)
+        residents.append(res_q)
     fits = sorted((c for c in cands if c.peak <= budget_bytes), key=lambda c: (c.flops, c.order, -c.budget_gib))
-    step = step_phase(p)
     for c in fits[:3]:
         if not verify:
             return c, cands
-        it = p.iteration(c.policy, c.budget_gib, c.checkpoint_reward, c.reward_ckpt)
-        c.verified = resident + max(it["peak"], step)
+        q = planners[c.source]
+        it = q.iteration(c.policy, c.budget_gib, c.checkpoint_reward, c.reward_ckpt)
+        c.verified = residents[c.source] + max(it["peak"], step_phase(q))
         if c.verified <= budget_bytes:
             return c, cands
         p.log(f"{overrides_line(c.overrides)}: predicted {gib(c.peak)} but measured {gib(c.verified)}; next")

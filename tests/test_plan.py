@@ -103,6 +103,15 @@ def test_budget_picks_the_fastest_setting_that_fits_and_a_real_run_fits(tmp_path
     assert total <= budget * 1.01, (total, budget)
 
 
+def test_levers_are_searched_only_where_the_config_has_them():
+    cfg = load_config("configs/tiny.yaml", TINY)
+    assert plan.lever_settings(cfg, [("model.no_such_key", ("a", "b"))]) == [{}]
+    got = plan.lever_settings(cfg, [("lora.rank", (8, 4)), ("model.policy", ("none", "full"))])
+    assert got[0] == {"lora.rank": 4, "model.policy": "none"}          # the config's own values first
+    assert len(got) == 4 and {"lora.rank": 8, "model.policy": "full"} in got
+    assert plan._override(cfg, {"lora.rank": 8}).lora.rank == 8
+
+
 def test_published_config_is_sized_without_a_folder():
     cfg = load_config("configs/flux-dev-hpsv21-lora.yaml", [])
     mc = plan.model_configs(cfg, "flux-dev")
