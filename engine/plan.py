@@ -198,9 +198,12 @@ def build_text_encoders(mc: dict, cfg: TrainConfig, dtype: torch.dtype):
         enc = HashTextEncoder(tc["joint_attention_dim"], tc["pooled_projection_dim"], seed=cfg.model.seed)
         return {"hash text encoder": enc}, enc.max_length
     if mc.get("text") == "world":
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
         from engine.world.text import MiniLMTextEncoder
 
-        enc = MiniLMTextEncoder()
+        with unset_fake_temporarily():   # small, and its weights are read by transformers: built for real
+            enc = MiniLMTextEncoder()
         mods = {"MiniLM": m for m in [getattr(enc, "model", None)] if isinstance(m, torch.nn.Module)}
         return mods, enc.max_length
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -298,9 +301,12 @@ def build_reward_fake(cfg: TrainConfig) -> tuple[torch.nn.Module | None, str]:
     under the fake mode."""
     name, typed = cfg.reward.name, cfg.reward.typed()
     if name in ("colour", "world"):
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
         from engine.rewards import build_reward
 
-        return build_reward(name, **cfg.reward.params), f"{name} (built as in training)"
+        with unset_fake_temporarily():   # small: built for real, as in training (its weights are read)
+            return build_reward(name, **cfg.reward.params), f"{name} (built as in training)"
     if name == "hpsv21":
         return _hps_arch(typed), "HPSv2.1: OpenCLIP ViT-H/14 from its architecture config, fp32 (as loaded)"
     if name in ("pickscore", "clip"):
@@ -447,10 +453,10 @@ class Planner:
         tr, ad, cfg = self.adapter.transformer, self.adapter, self.cfg
         lora_ids = {id(p) for n, p in tr.named_parameters() if "lora_" in n}
         base = [p for p in tr.parameters() if id(p) not in lora_ids] + list(tr.buffers())
-        r = {"transformer base weights": _by_dtype(base),
-             "LoRA weights" if cfg.lora.enabled else "trainable weights (in the base)":
-                 _by_dtype(self.trainable.values()) if cfg.lora.enabled else {},
-             "VAE weights": _by_dtype([*ad.vae.parameters(), *ad.vae.buffers()])}
+        r = {"transformer base weights": _by_dtype(base)}
+        if cfg.lora.enabled:
+            r["LoRA weights"] = _by_dtype(self.trainable.values())
+        r["VAE weights"] = _by_dtype([*ad.vae.parameters(), *ad.vae.buffers()])
         r["reward weights"] = _by_dtype([*self.reward.parameters(), *self.reward.buffers()]) \
             if self.reward is not None else {}
         if cfg.embed_cache_dir:
