@@ -3,25 +3,22 @@
 ``python -m engine plan --config X [key=value ...] [--budget-gib G]`` builds the configured
 transformer, VAE and reward at full size under ``FakeTensorMode`` (no weights read, no RAM, no
 GPU; design.md "Measuring without a GPU"), applies the run's features through ``engine.build`` in
-its documented order (decoder checkpointing, LoRA, block policy), and measures each term of one
-iteration with ``engine.memory``:
+its documented order (decoder checkpointing, LoRA, block policy), and measures one iteration with
+``engine.memory``:
 
 - resident: transformer base, LoRA, VAE, reward, text encoders (none with ``embed_cache_dir``:
   the cache lives on disk and the CPU), by dtype; AdamW states (exp_avg + exp_avg_sq, in the
   parameter dtype), the fp32 EMA; the iteration's inputs (noise, prompt embeddings)
-- rollout transient: peak live bytes of one no-grad forward
-- one graph-keeping pass under ``model.policy``: bytes held after its forward, and the peak of
-  its forward + backward (LoRA gradients included: backward creates them)
-- VAE decode + reward forward + backward into the latent under ``model.checkpoint_reward`` /
-  ``model.reward_ckpt``
-- the whole iteration: ``PeakLiveBytes`` across ``method.loss`` + ``backward()`` on fake tensors,
-  plus the resident bytes -- what bench/bench_step.py reports as ``whole_iteration_peak``.
+- transient, from one whole iteration (``method.loss`` + ``backward()``) under a PeakLiveBytes
+  that marks its phases: each no-grad rollout forward's peak, each graph-keeping pass's bytes held
+  after its forward under ``model.policy``, the VAE decode + reward forward and backward under
+  ``model.checkpoint_reward`` / ``model.reward_ckpt``, each pass's backward
 
-The predicted peak is max(whole iteration, optimizer step) where the optimizer step holds the
-resident bytes, the gradients and one foreach temporary of the trainable size (AdamW's
-``sqrt(exp_avg_sq)``). The terms also combine into an estimate without the whole iteration
-(:func:`compose`), which the ``--budget-gib`` search uses to rank settings; the chosen one is then
-checked with a whole fake iteration.
+The predicted peak is the resident bytes + max(the whole iteration's peak, the optimizer step's
+gradients and temporaries): what bench/bench_step.py reports as ``whole_iteration_peak``. The terms
+also recombine without the whole iteration (:func:`compose`); the ``--budget-gib`` search ranks
+every setting that way, from per-block and per-decoder measurements (:func:`candidates`), and
+``--verify`` measures the chosen setting's whole iteration too.
 """
 from __future__ import annotations
 
@@ -31,7 +28,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -375,7 +372,6 @@ class PhasePeaks(PeakLiveBytes):
         return [p for p in self.phases if p[0].startswith(prefix)]
 
 
-@dataclass
 class Planner:
     """The run's model built once on fake tensors; terms measured per setting (block policy,
     decoder checkpointing) on that same model, switched with ``engine.build``'s apply functions,
