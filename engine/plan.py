@@ -293,7 +293,7 @@ def _hf_clip_arch(name: str, params) -> tuple[torch.nn.Module, str]:
     return ArchOnlyCLIP(), what
 
 
-def build_reward_fake(cfg: TrainConfig) -> tuple[torch.nn.Module | None, str]:
+def build_reward_fake(cfg: TrainConfig) -> tuple[torch.nn.Module, str]:
     """(the training reward at full size, weights not read where they are large; a note). Called
     under the fake mode."""
     name, typed = cfg.reward.name, cfg.reward.typed()
@@ -309,8 +309,16 @@ def build_reward_fake(cfg: TrainConfig) -> tuple[torch.nn.Module | None, str]:
     if name in ("pickscore", "clip"):
         mod, what = _hf_clip_arch(name, typed)
         return mod, f"{name}: {what}, fp32 (as loaded)"
-    return None, (f"reward {name!r} is not built without its weights: its weights and activations are NOT "
-                  "in this plan")
+    return _UncountedReward(), (f"{name} is NOT built without its weights: its weights and activations are "
+                                "missing from this plan (the decode and its backward are in it)")
+
+
+class _UncountedReward(torch.nn.Module):
+    """Stands in for a reward the planner cannot build: the image mean, so the VAE decode and its
+    backward are still measured; the reward's own bytes are missing, and the output says so."""
+
+    def forward(self, images, prompts):
+        return images.float().mean((1, 2, 3))
 
 
 # ---------------------------------------------------------------------- measuring
@@ -402,8 +410,9 @@ class Planner:
             build.check_image_size(self.adapter, m.height, m.width)
             self.text_modules, self.text_tokens = build_text_encoders(self.mc, cfg, self.dtype)
             self.reward, self.reward_note = build_reward_fake(cfg)
-            if self.reward is not None:
-                self.reward.requires_grad_(False).eval()
+            self.reward.requires_grad_(False).eval()
+            if isinstance(self.reward, _UncountedReward):
+                self.notes.append(self.reward_note)
             with default_dtype(self.dtype):   # peft casts new LoRA layers to the base dtype: create them in it
                 build.apply_lora(transformer, cfg.lora, cfg.seed)
             transformer.train()
@@ -453,8 +462,7 @@ class Planner:
         if cfg.lora.enabled:
             r["LoRA weights"] = _by_dtype(self.trainable.values())
         r["VAE weights"] = _by_dtype([*ad.vae.parameters(), *ad.vae.buffers()])
-        r["reward weights"] = _by_dtype([*self.reward.parameters(), *self.reward.buffers()]) \
-            if self.reward is not None else {}
+        r["reward weights"] = _by_dtype([*self.reward.parameters(), *self.reward.buffers()])
         if cfg.embed_cache_dir:
             r["text encoders (embed_cache_dir: cached on disk / CPU)"] = {}
         else:
@@ -511,8 +519,6 @@ class Planner:
         key = ("iteration", policy, budget_gib, checkpoint_reward, reward_ckpt if checkpoint_reward else None)
         if key in self._cache:
             return self._cache[key]
-        if self.reward is None:
-            raise PlanError(self.reward_note)
         m = self.cfg.model
         plan = self.apply(policy, budget_gib, checkpoint_reward, reward_ckpt)
         prompts = ["a red square"] * self.cfg.batch_size
@@ -578,8 +584,6 @@ class Planner:
         a second run: the counter must not be around a memory measurement)."""
         key = ("decode", checkpoint_reward, reward_ckpt if checkpoint_reward else None, flops)
         if key not in self._cache:
-            if self.reward is None:
-                raise PlanError(self.reward_note)
             m = self.cfg.model
             cur = self._setting or (m.policy, m.budget_gib)
             self.apply(cur[0], cur[1], checkpoint_reward, reward_ckpt)

@@ -103,6 +103,15 @@ def test_budget_picks_the_fastest_setting_that_fits_and_a_real_run_fits(tmp_path
     assert total <= budget * 1.01, (total, budget)
 
 
+def test_a_reward_that_cannot_be_built_without_weights_is_reported_missing(capsys):
+    from engine.__main__ import main
+
+    assert main(["plan", "--config", "configs/tiny.yaml", *TINY, "reward.name=hpsv3",
+                 "reward.params.path=/nonexistent/hpsv3"]) == 0
+    out = capsys.readouterr().out
+    assert "note: hpsv3 is NOT built without its weights" in out and "predicted peak" in out
+
+
 def test_levers_are_searched_only_where_the_config_has_them():
     cfg = load_config("configs/tiny.yaml", TINY)
     assert plan.lever_settings(cfg, [("model.no_such_key", ("a", "b"))]) == [{}]
