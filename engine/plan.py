@@ -928,9 +928,14 @@ def format_plan(r: dict) -> str:
     L += ["", f"transient (activations and gradients on top; measured inside one whole iteration, T={it['T']} "
               f"{it['choices']}):",
           f"  {'rollout: one no-grad forward, peak':<54} {gib(it['rollout_peak']):>11}"]
-    for i, ps in enumerate(it["passes"]):
+    passes = it["passes"]
+    for i, ps in enumerate(passes if len(passes) <= 3 else passes[:1]):
         L.append(f"  {f'graph-keeping pass {i + 1} ({counts}): held after forward':<54} {gib(ps['held']):>11}   "
                  f"(forward peak {gib(ps['fwd_peak'])})")
+    if len(passes) > 3:    # full backprop: a pass per step, and their recomputation in backward
+        L.append(f"  {f'  {len(passes)} grad-enabled forwards in all, largest held':<54} "
+                 f"{gib(max(p['held'] for p in passes)):>11}   "
+                 f"(forward peak {gib(max(p['fwd_peak'] for p in passes))}; recomputations in backward included)")
     L += [f"  {'VAE decode + reward forward + backward, peak':<54} {gib(it['decode_peak']):>11}   "
           f"(held after forward {gib(it['decode_held'])})",
           f"  {'a pass backward, extra peak (gradients included)':<54} {gib(it['backward_extra']):>11}",
