@@ -72,7 +72,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -80,20 +79,13 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.measure import FLUX_DEV_CONFIG, GiB, PeakLiveBytes, attention_flops, count_flops, device_name  # noqa: E402
+from engine.plan import fake_safe_to  # noqa: E402
+from bench.measure import FLUX_DEV_CONFIG, FLUX_VAE_CONFIG, GiB, PeakLiveBytes, attention_flops, count_flops, device_name  # noqa: E402
 
 METHODS = ("leapalign", "refl", "draft-lv", "drtune", "full")
 POLICIES = ("none", "full", "lean", "baseline")
 TEXT_TOKENS = 512
 LORA_RANK = 64
-FLUX_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3,
-    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[128, 256, 512, 512], layers_per_block=2, act_fn="silu",
-    latent_channels=16, norm_num_groups=32, sample_size=1024,
-    scaling_factor=0.3611, shift_factor=0.1159, latents_mean=None, latents_std=None,
-    force_upcast=True, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True,
-)
 TARGETS = dict(mem_ratio_max=0.7, time_ratio_max=0.85, rollout_mfu_min_1024=0.60)
 PROMPT = "a red square"
 
@@ -137,22 +129,6 @@ class StubTextEncoder:
 
 
 # ----------------------------------------------------------------------------- building
-def _fake_safe_to():
-    """peft moves its new LoRA layers with Module.to(device, dtype); on a fake module that fails
-    (swap_tensors on FakeTensors) even when nothing changes. Make such no-op moves no-ops."""
-    orig = torch.nn.Module.to
-
-    def to(self, *args, **kwargs):
-        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
-        ts = list(self.parameters()) + list(self.buffers())
-        if all((device is None or t.device.type == torch.device(device).type)
-               and (dtype is None or not t.is_floating_point() or t.dtype == dtype) for t in ts):
-            return self
-        return orig(self, *args, **kwargs)
-
-    return mock.patch.object(torch.nn.Module, "to", to)
-
-
 def base_config(res: int, device: str, steps: int, tiny: bool, lora_rank: int):
     """The run configuration the bench measures: LoRA on FLUX.1-dev's attention + MLP linears,
     batch 1, one prompt, at res x res (method and policy set per measurement by ``configure``)."""
@@ -185,7 +161,7 @@ def build_trainer(res: int, device: str, steps: int, tiny: bool = False, fake_mo
         ctx.callback(torch.set_default_dtype, old)
         if fake_mode is not None:
             ctx.enter_context(fake_mode)
-            ctx.enter_context(_fake_safe_to())
+            ctx.enter_context(fake_safe_to())
         elif device == "cuda":
             ctx.enter_context(torch.device("cuda"))
         torch.manual_seed(0)

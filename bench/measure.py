@@ -14,12 +14,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from engine.memory import PeakLiveBytes, SavedBytes  # noqa: F401  (re-exported for the benches)
 
-# The published FLUX.1-dev transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json)
-FLUX_DEV_CONFIG = dict(
-    patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
-    attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-    pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56],
-)
+# FLUX.1-dev's published transformer / VAE configs live with the planner that sizes them
+from engine.plan import FLUX_DEV_TRANSFORMER as FLUX_DEV_CONFIG  # noqa: E402,F401
+from engine.plan import FLUX_DEV_VAE as FLUX_VAE_CONFIG  # noqa: E402,F401
 
 
 def device_name(device: str) -> str:

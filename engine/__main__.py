@@ -1,4 +1,4 @@
-"""python -m engine {train, sample, eval, export}
+"""python -m engine {train, sample, eval, export, plan}
 
 A user error (a bad config value, a missing file, a refused checkpoint) prints one line and
 exits 2; ``--debug`` shows the traceback. Configs are checked before the heavy imports.
@@ -148,6 +148,33 @@ def _export(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from engine.config import load_config
+
+    if args.budget_gib is not None and not args.budget_gib > 0:
+        raise ValueError(f"--budget-gib must be > 0, got {args.budget_gib}")
+    cfg = load_config(args.config, args.overrides)   # light: fails before torch is imported
+    from engine.plan import format_plan, run_plan
+
+    log = (lambda s: print(f"  .. {s}", file=sys.stderr, flush=True)) if args.verbose else (lambda s: None)
+    r = run_plan(cfg, model_config=args.model_config, budget_gib=args.budget_gib, device=args.device, log=log,
+                 verify=args.verify)
+    print(format_plan(r))
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(r, indent=1, default=str))
+    if args.budget_gib is not None and r["choice"] is None:
+        s = r["smallest"]
+        from engine.plan import gib, overrides_line
+
+        what = s.get("what") or overrides_line(s["overrides"])
+        print(f"error: nothing fits {args.budget_gib:g} GiB; the least it takes is {gib(s['peak'])} ({what})",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
 def _config_help() -> str:
     from engine.config import SECTIONS, TrainConfig
     import dataclasses
@@ -200,11 +227,25 @@ def main(argv=None) -> int:
                         "transformer folder, LoRA fused in")
     e.add_argument("--ema", action="store_true", help="export the EMA weights")
     e.add_argument("overrides", nargs="*", help="key=value, e.g. model.source=PATH for a folder model")
+    p = sub.add_parser("plan", help="size one training iteration's GPU memory on a CPU (fake tensors, no weights "
+                                    "read); with --budget-gib, the fastest settings that fit")
+    p.add_argument("--config", default=None, help="YAML config (configs/*.yaml)")
+    p.add_argument("--model-config", default=None, choices=("flux-dev",),
+                   help="size this published architecture instead of reading model.source's folder")
+    p.add_argument("--budget-gib", type=float, default=None, help="GPU memory to fit, in GiB")
+    p.add_argument("--device", default=None, choices=("cuda", "cpu"),
+                   help="the device the run will train on (default: the config's; cuda for device=auto)")
+    p.add_argument("--verify", action="store_true",
+                   help="with --budget-gib: also measure the chosen setting's whole iteration (about a minute more)")
+    p.add_argument("--json", default=None, help="also write every figure to this JSON file")
+    p.add_argument("--verbose", action="store_true", help="progress on stderr")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.height=1024 model.width=1024")
     args = ap.parse_args(argv)
     if getattr(args, "n", 1) is not None and args.cmd in ("sample",) and args.n < 1:
         ap.error(f"--n must be >= 1, got {args.n}")
     try:
-        return {"train": _train, "sample": _sample, "eval": _eval, "export": _export}[args.cmd](args)
+        return {"train": _train, "sample": _sample, "eval": _eval, "export": _export,
+                "plan": _plan}[args.cmd](args)
     except USER_ERRORS as e:
         if args.debug:
             raise

@@ -76,7 +76,7 @@ class ReFL(ReFLParams):
         xhat0 = x - sig[t].to(x.dtype) * velocity(x, sig[t]).to(x.dtype)
         r = _check_reward(reward(xhat0), x1.shape[0])
         return EstimatorOutput(reward_loss(r, self.lam), r.detach(), xhat0.detach(),
-                               {"t": t, "sigma_t": float(sigmas[t])}, t + 1)
+                               {"t": t, "sigma_t": sigmas.tolist()[t]}, t + 1)   # read on the host: also under a fake-tensor planner
 
 
 @dataclass
