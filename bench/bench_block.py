@@ -37,7 +37,7 @@ Per block and policy:
                 formula for SDPA's CPU kernel, so this script registers one (4*B*H*Nq*Nk*Dh forward,
                 twice that backward); where attention still goes uncounted (flash-attn package),
                 measure.attention_flops is added by hand and the JSON says so.
-  backends      kernels.backend.report() and lean.attention_backend() after the lean/full passes
+  backends      a kernels.backend.recording() of the timed lean/full passes (fused ops and attention)
 
 On CPU, TRITON_INTERPRET=1 is set before anything imports triton and the lean and full passes run
 with LEAPALIGN_BACKEND=triton (``--backend``), so the fused Triton kernels really run, at full
@@ -388,31 +388,33 @@ def run_policy(block, policy: str, inputs: dict, small_inputs: list, gouts, args
     interp = device == "cpu" and policy in ("lean", "full")
     warmup, repeats = (0, args.interp_repeats) if interp else (args.warmup, args.repeats)
     times = []
-    for i in range(warmup + repeats):
-        if device == "cuda":
-            _reset_input_grads(inputs)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fwd(inputs)
-            torch.autograd.backward(out, gouts)
-            end.record()
-            del out
-            torch.cuda.synchronize()
-            dt = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            step()
-            dt = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(dt)
+    with backend.recording() as ran:  # what the lean/full passes ran (kernels, attention)
+        for i in range(warmup + repeats):
+            if device == "cuda":
+                _reset_input_grads(inputs)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fwd(inputs)
+                torch.autograd.backward(out, gouts)
+                end.record()
+                del out
+                torch.cuda.synchronize()
+                dt = start.elapsed_time(end) / 1e3
+            else:
+                t0 = time.perf_counter()
+                step()
+                dt = time.perf_counter() - t0
+            if i >= warmup:
+                times.append(dt)
     r["time_s"] = statistics.median(times)
     r["times_s"] = times
     r["time_method"] = (f"median of CUDA events over {repeats} runs after {warmup} warm-ups"
                         if device == "cuda" else
                         f"CPU wall-clock median of {repeats} run(s) after {warmup} warm-up(s)"
                         + (", Triton interpreter" if interp else ""))
-    r["attention"] = lean.attention_backend() if policy in ("lean", "full") else "diffusers dispatch (SDPA)"
-    r["kernels"] = backend.report() if policy in ("lean", "full") else {}
+    r["attention"] = ran.get(lean.ATTENTION) if policy in ("lean", "full") else "diffusers dispatch (SDPA)"
+    r["kernels"] = ({k: v for k, v in ran.items() if k != lean.ATTENTION}
+                    if policy in ("lean", "full") else {})
     return r
 
 
