@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from kernels import gelu_tanh as _gelu
 from kernels import leap_connect as _lc
 from kernels import mod_layernorm as _ml
 from kernels import qk_norm_rope as _qk
-from kernels.utils import Launch, as_rows
+from kernels.utils import Launch, parse_ptxas
 
 # FLUX.1-dev: width 3072, 24 heads of 128, MLP 4 x 3072, 4096 image tokens (1024^2: a 64 x 64
 # grid of 2 x 2 patches of the 128^2 latent) + 512 T5 tokens, 64 packed latent channels; batch 2
@@ -188,40 +187,6 @@ class Result:
     shared: int | None = None
     num_warps: int | None = None
     ptxas: dict = field(default_factory=dict)  # registers, spill_stores, spill_loads, stack (with the log)
-
-
-_PTXAS_USED = re.compile(r"Used (\d+) registers")
-_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-
-
-def parse_ptxas(log: str) -> dict[tuple[str, str | None], dict]:
-    """ptxas -v output -> {(function, arch or None): {registers, spill_stores, spill_loads, stack}}."""
-    res: dict = {}
-    func, arch = None, None
-    for line in log.splitlines():
-        m = re.search(r"Compiling entry function '([\w$]+)' for '(\w+)'", line)
-        if m:
-            func, arch = m.group(1), m.group(2)
-            res.setdefault((func, arch), {})
-            continue
-        m = re.search(r"Function properties for ([\w$]+)", line)
-        if m:
-            if m.group(1) != func:  # a device function's own properties: not the entry
-                func = None
-            continue
-        m = _PTXAS_FRAME.search(line)
-        if m and func is not None:
-            res[(func, arch)].update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
-                                     spill_loads=int(m.group(3)))
-            continue
-        m = _PTXAS_USED.search(line)
-        if m:
-            key = (func, arch) if func is not None else None
-            if key is None:  # "Used N registers" follows the entry it belongs to
-                key = next(reversed(res), None)
-            if key is not None:
-                res[key]["registers"] = int(m.group(1))
-    return res
 
 
 def compile_case(case: Case, target: str, ptxas_log: bool = False) -> Result:

@@ -11,6 +11,7 @@ Needs no triton: the ops import this where only the torch references run.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,3 +154,38 @@ class Launch:
         check_launchable(self.kernel, first)
         if all(g > 0 for g in self.grid):
             self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
+
+
+# --------------------------------------------------------------------------- ptxas -v
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def parse_ptxas(log: str) -> dict[tuple[str, str | None], dict]:
+    """ptxas -v output -> {(function, arch or None): {registers, spill_stores, spill_loads, stack}}."""
+    res: dict = {}
+    func, arch = None, None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '([\w$]+)' for '(\w+)'", line)
+        if m:
+            func, arch = m.group(1), m.group(2)
+            res.setdefault((func, arch), {})
+            continue
+        m = re.search(r"Function properties for ([\w$]+)", line)
+        if m:
+            if m.group(1) != func:  # a device function's own properties: not the entry
+                func = None
+            continue
+        m = _PTXAS_FRAME.search(line)
+        if m and func is not None:
+            res[(func, arch)].update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
+                                     spill_loads=int(m.group(3)))
+            continue
+        m = _PTXAS_USED.search(line)
+        if m:
+            key = (func, arch) if func is not None else None
+            if key is None:  # "Used N registers" follows the entry it belongs to
+                key = next(reversed(res), None)
+            if key is not None:
+                res[key]["registers"] = int(m.group(1))
+    return res
