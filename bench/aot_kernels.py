@@ -34,14 +34,14 @@ if str(ROOT) not in sys.path:
 BANDWIDTH = {"H100": 3.0e12, "H200": 4.3e12}
 
 
-def triton_report(targets, only=None, sizes=None) -> dict:
+def triton_report(targets, only=None, sizes=None, jobs=1) -> dict:
     import triton
 
     from kernels import aot
 
     rows, failures = [], []
     t0 = time.perf_counter()
-    for r in aot.compile_all(targets, sizes=sizes, ptxas_log=True, only=only):
+    for r in aot.compile_all(targets, sizes=sizes, ptxas_log=True, only=only, jobs=jobs):
         rd, wr = r.case.launch.bytes_moved()
         row = {"op": r.case.op, "launch": r.case.what, "kernel": r.case.launch.name, "dtypes": r.case.dtypes,
                "shape": r.case.shape, "target": r.target, "ok": r.ok, "compile_s": round(r.seconds, 3),
@@ -140,6 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", nargs="+", default=["sm_90", "sm_80"])
     ap.add_argument("--only", default=None, help="only the ops whose name contains this")
     ap.add_argument("--no-csrc", action="store_true", help="leave out the csrc (nvcc) section")
+    ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                    help="compile in this many processes (default: up to 8 CPUs)")
     ap.add_argument("--toy", action="store_true",
                     help="tiny sizes (batch 1, width 64, 2 heads of 32, 48 + 16 tokens): a quick plumbing check")
     args = ap.parse_args(argv)
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
     sizes = dict(batch=1, width=64, heads=2, head_dim=32, mlp=256, img=48, txt=16, latent_c=16) if args.toy else None
     rep = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node() or "?",
            "torch": torch.__version__, "sizes": {**aot.FLUX, **(sizes or {})},
-           "triton": triton_report(args.targets, args.only, sizes)}
+           "triton": triton_report(args.targets, args.only, sizes, args.jobs)}
     if not args.no_csrc:
         rep["csrc"] = csrc_report()
     out = Path(args.out)

@@ -225,14 +225,41 @@ def compile_case(case: Case, target: str, ptxas_log: bool = False) -> Result:
     return r
 
 
+_worker_cases: list | None = None
+
+
+def _compile_in_worker(job):
+    # a forked worker rebuilds the (meta-tensor) cases itself; only plain values cross processes
+    global _worker_cases
+    i, target, sizes, ptxas_log = job
+    if _worker_cases is None:
+        _worker_cases = cases(sizes)
+    r = compile_case(_worker_cases[i], target, ptxas_log)
+    return i, target, r.ok, r.seconds, r.error, r.shared, r.num_warps, r.ptxas
+
+
 def compile_all(targets=tuple(TARGETS), sizes=None, ptxas_log: bool = False, only: str | None = None,
-                progress=None) -> list[Result]:
+                progress=None, jobs: int = 1) -> list[Result]:
+    """Compile every case for every target, in order; ``jobs`` > 1 compiles in that many forked
+    processes (each compile is single-threaded)."""
+    all_cases = cases(sizes)
+    todo = [(i, t) for i, c in enumerate(all_cases) if not (only and only not in c.op) for t in targets]
     results = []
-    for case in cases(sizes):
-        if only and only not in case.op:
-            continue
-        for t in targets:
-            r = compile_case(case, t, ptxas_log)
+    if jobs <= 1:
+        for i, t in todo:
+            r = compile_case(all_cases[i], t, ptxas_log)
+            results.append(r)
+            if progress:
+                progress(r)
+        return results
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as ex:
+        for i, t, ok, sec, err, shared, warps, ptx in ex.map(
+                _compile_in_worker, [(i, t, sizes, ptxas_log) for i, t in todo]):
+            r = Result(all_cases[i], t, ok, sec, err, shared, warps, ptx)
             results.append(r)
             if progress:
                 progress(r)
@@ -243,6 +270,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     ap.add_argument("--only", default=None, help="only the ops whose name contains this")
+    ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     args = ap.parse_args(argv)
     import triton
 
@@ -252,7 +280,7 @@ def main(argv=None) -> int:
         print(("ok   " if r.ok else "FAIL ") + f"{r.target} {r.case.label} ({r.seconds:.2f}s)"
               + ("" if r.ok else "\n" + r.error), flush=True)
 
-    results = compile_all(args.targets, only=args.only, progress=show)
+    results = compile_all(args.targets, only=args.only, progress=show, jobs=args.jobs)
     bad = [r for r in results if not r.ok]
     print(f"triton {triton.__version__}: {len(results) - len(bad)} of {len(results)} kernel launches "
           f"compiled for {', '.join(args.targets)} in {time.perf_counter() - t0:.1f}s")

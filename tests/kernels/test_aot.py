@@ -28,42 +28,31 @@ def _run(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def test_every_kernel_compiles_for_sm90_and_sm80():
+    """All launches of every op compile for both targets; and every entry kernel of the package
+    (a module-level @jit whose name ends in _kernel) has a case, so a new kernel cannot slip by."""
     p = _run("""
-        import sys
-        from kernels import aot
-        cases = aot.cases()
-        ops = sorted({c.op for c in cases})
-        print("ops:", ",".join(ops), "cases:", len(cases))
-        sys.exit(aot.main([]))
-    """)
-    print(p.stdout[-4000:])
-    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
-    assert "ops: gated_residual,gelu_tanh,leap_connect,mod_layernorm,qk_norm_rope" in p.stdout
-    n = int(p.stdout.split("cases:")[1].split()[0])
-    assert f"{2 * n} of {2 * n} kernel launches compiled for sm_90, sm_80" in p.stdout, p.stdout[-2000:]
-
-
-def test_every_kernel_of_the_package_is_covered():
-    """A new @jit kernel in kernels/ must get an AOT case: every kernel module's launched kernels
-    (the ones with a ``*_launch`` function) appear in ``aot.cases()``."""
-    p = _run("""
-        import importlib, pkgutil
+        import importlib, pkgutil, sys
         import kernels
         from kernels import aot
-        launched = {c.launch.name for c in aot.cases()}
+        cases = aot.cases()
+        launched = {c.launch.name for c in cases}
         top = set()
         for m in pkgutil.iter_modules(kernels.__path__):
             mod = importlib.import_module(f"kernels.{m.name}")
             for name, obj in vars(mod).items():
-                # entry kernels: their name ends in _kernel (helpers called from kernels do not)
                 if type(obj).__name__ == "JITFunction" and name.endswith("_kernel") and obj.__module__ == mod.__name__:
                     top.add(name)
-        missing = sorted(top - launched)
         print("kernels:", sorted(top))
-        assert not missing, f"kernels without an AOT case: {missing}"
-        print("ok")
-    """, timeout=120)
-    assert p.returncode == 0 and "ok" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+        print("without an AOT case:", sorted(top - launched))
+        print("ops:", ",".join(sorted({c.op for c in cases})), "cases:", len(cases))
+        sys.exit(aot.main([]))
+    """)
+    print(p.stdout[-4000:])
+    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
+    assert "without an AOT case: []" in p.stdout and "_qk_norm_rope_bwd_kernel" in p.stdout
+    assert "ops: gated_residual,gelu_tanh,leap_connect,mod_layernorm,qk_norm_rope" in p.stdout
+    n = int(p.stdout.split("cases:")[1].split()[0])
+    assert f"{2 * n} of {2 * n} kernel launches compiled for sm_90, sm_80" in p.stdout, p.stdout[-2000:]
 
 
 def test_a_compile_error_names_the_kernel_and_its_arguments(tmp_path):
