@@ -148,7 +148,8 @@ def make_inputs(device: str, dtype, n_img: int, n_txt: int, seed: int) -> dict:
     g = torch.Generator(device="cpu").manual_seed(seed)
     h, w = _grid(n_img)
     ids = torch.cat([torch.zeros(n_txt, 3), FluxPipeline._prepare_latent_image_ids(1, h, w, "cpu", torch.float32)])
-    cos, sin = FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])(ids)
+    a0 = HEAD_DIM // 8  # FLUX.1-dev: [16, 56, 56] for its 128-wide heads
+    cos, sin = FluxPosEmbed(theta=10000, axes_dim=[a0, (HEAD_DIM - a0) // 2, (HEAD_DIM - a0) // 2])(ids)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
@@ -574,6 +575,7 @@ def markdown(data: dict) -> str:
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
+    global WIDTH, HEADS, HEAD_DIM  # --heads / --head-dim shrink the blocks for a smoke test
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="directory for the JSON and markdown")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -588,7 +590,13 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", default="double,single")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="output file stem (default: block_<device>)")
+    p.add_argument("--heads", type=int, default=24, help="attention heads (FLUX.1-dev: 24; fewer for a smoke test)")
+    p.add_argument("--head-dim", type=int, default=128, help="head width (FLUX.1-dev: 128; a multiple of 16)")
     args = p.parse_args(argv)
+    if args.head_dim % 16:
+        p.error("--head-dim must be a multiple of 16 (Flux's RoPE axes split it 1/8 + 7/16 + 7/16)")
+    HEADS, HEAD_DIM = args.heads, args.head_dim
+    WIDTH = HEADS * HEAD_DIM
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device")
