@@ -45,9 +45,11 @@ step() {  # step NAME TIMEOUT CMD...: run with a time limit, log to $OUT/NAME.lo
   local name=$1 limit=$2; shift 2
   [ $DRY = 1 ] && limit=180  # a shared CPU: the dry run checks plumbing, not the GPU's time budget
   echo "== $name"
+  local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "exit $rc" >> "$OUT/$name.log"
+  echo "$name $((SECONDS - t0)) s (limit $limit s)" >> "$OUT/times.txt"
   echo "   exit $rc ($(tail -n 2 "$OUT/$name.log" | head -n 1))"
   [ $rc -eq 0 ] || status=1
 }
@@ -118,6 +120,9 @@ step profile_step 15 python3 bench/profile_step.py --device $DEV --out "$OUT" $(
   echo
   echo "## Steps"
   for f in "$OUT"/*.log; do echo "- $(basename "$f" .log): $(tail -n 1 "$f")"; done
+  echo
+  echo "## Step times"
+  sed 's/^/- /' "$OUT/times.txt"
 } >> "$OUT/summary.md"
 cat "$OUT/summary.md"
 echo "outputs in $OUT"

@@ -77,8 +77,6 @@ def find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
-_find_nvcc = find_nvcc
-
 
 def nvcc_compile_command(src: Path, obj: Path, nvcc: str, archs=AOT_ARCHS, ptxas_verbose: bool = False) -> list[str]:
     """nvcc command compiling one csrc file to an object as the extension build would, for
@@ -154,7 +152,7 @@ def _attempt() -> tuple:
         from torch.utils import cpp_extension
     except Exception as e:
         return fail(f"torch.utils.cpp_extension unavailable: {e}")
-    if _find_nvcc() is None:
+    if find_nvcc() is None:
         return fail("nvcc not found (set CUDA_HOME or put nvcc on PATH), no JIT build")
     if not cpp_extension.is_ninja_available():
         return fail("ninja not found (pip install ninja), no JIT build")
