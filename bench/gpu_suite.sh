@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should run, in one command, inside 10 minutes (step limits add up to 600 s):
+# Everything a lent GPU should run, in one command, inside 10 minutes (step limits add up to 595 s):
 #   the csrc build, CUDA tests, the AOT resource report, every bench at full size; JSON + a
 #   markdown summary into $OUT.
 # On the device machine (torch 2.11 cu130, triton, nvcc, ninja; no diffusers): put the diffusers
@@ -94,7 +94,7 @@ step aot_kernels 40 python3 bench/aot_kernels.py --out "$OUT" --no-csrc \
 [ -f "$OUT/triton_aot.md" ] && { echo; head -n 9 "$OUT/triton_aot.md" | tail -n +3; } >> "$OUT/summary.md"
 # 4. kernel benchmarks at Flux-dev sizes
 KSEL=$(pick "" "leap_connect and fwd and triton")
-step bench_kernels 135 python3 -m pytest bench/bench_kernels.py -q -p no:cacheprovider --benchmark-enable \
+step bench_kernels 130 python3 -m pytest bench/bench_kernels.py -q -p no:cacheprovider --benchmark-enable \
   --benchmark-json="$OUT/bench_kernels.json" ${KSEL:+-k "$KSEL"}
 [ -f "$OUT/bench_kernels.json" ] && python3 bench/summarize_kernels.py "$OUT/bench_kernels.json" >> "$OUT/summary.md"
 # 5. one double + one single block per backward policy (none / full / lean / checkpointed diffusers)
