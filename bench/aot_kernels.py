@@ -91,6 +91,30 @@ def _fmt_bytes(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+def summary_table(rows: list[dict]) -> list[str]:
+    """Per op and launch: the most registers over dtypes per target, all spills, the most shared
+    memory, and the bf16 launch's bytes and ideal times (what Flux runs)."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["launch"]), []).append(r)
+    targets = sorted({r["target"] for r in rows}, reverse=True)
+    out = ["", "## Summary (max over dtypes)", "",
+           "| op | launch | " + " | ".join(f"regs {t}" for t in targets)
+           + " | spills (B) | smem (B) | bf16: bytes | ideal H100 (us) | ideal H200 (us) |",
+           "|---|---|" + "---:|" * len(targets) + "---:|---:|---:|---:|---:|"]
+    for (op, launch), rs in groups.items():
+        ok = [r for r in rs if r["ok"]]
+        regs = [max((r["registers"] or 0 for r in ok if r["target"] == t), default=0) for t in targets]
+        spills = sum((r.get("spill_stores") or 0) + (r.get("spill_loads") or 0) for r in ok)
+        smem = max((r["shared_bytes"] or 0 for r in ok), default=0)
+        bf = next((r for r in rs if r["dtypes"].count("bf16") == len(r["dtypes"].split())), rs[0])
+        fails = "" if len(ok) == len(rs) else f" ({len(rs) - len(ok)} FAILED)"
+        out.append(f"| {op} | {launch}{fails} | " + " | ".join(str(x) for x in regs)
+                   + f" | {spills} | {smem} | {_fmt_bytes(bf['bytes_read'] + bf['bytes_written'])} | "
+                   f"{bf['ideal_us_H100']:.1f} | {bf['ideal_us_H200']:.1f} |")
+    return out
+
+
 def markdown(rep: dict) -> str:
     t = rep["triton"]
     out = [f"# Kernels compiled ahead of time (no GPU): triton {t['triton']}", "",
@@ -104,7 +128,8 @@ def markdown(rep: dict) -> str:
     out.append(f"- spills: {'none' if not spilled else ', '.join(sorted({r['kernel'] + ' ' + r['target'] for r in spilled}))}")
     if t["failures"]:
         out += ["", "## Compile failures", ""] + [f"- {e}" for e in t["failures"]]
-    out += ["", "## Triton", "",
+    out += summary_table(t["rows"])
+    out += ["", "## Triton, every launch", "",
             "| op | launch | dtypes | target | warps | constexprs | regs | spill st/ld (B) | stack (B) | smem (B) "
             "| read | written | ideal H100 (us) | ideal H200 (us) |",
             "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -144,7 +169,13 @@ def main(argv=None) -> int:
                     help="compile in this many processes (default: up to 8 CPUs)")
     ap.add_argument("--toy", action="store_true",
                     help="tiny sizes (batch 1, width 64, 2 heads of 32, 48 + 16 tokens): a quick plumbing check")
+    ap.add_argument("--render", default=None, metavar="JSON",
+                    help="only rewrite the markdown next to an existing report JSON (no compiling)")
     args = ap.parse_args(argv)
+    if args.render:
+        src = Path(args.render)
+        src.with_suffix(".md").write_text(markdown(json.loads(src.read_text())))
+        return 0
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("TRITON_INTERPRET=1 is set: the kernels would be interpreted, not compiled; unset it")

@@ -39,13 +39,14 @@ from kernels.utils import Launch, parse_ptxas
 # per GPU as in configs/ (the paper's runs).
 FLUX = dict(batch=2, width=3072, heads=24, head_dim=128, mlp=12288, img=4096, txt=512, latent_c=64)
 TARGETS = {"sm_90": 90, "sm_80": 80}
-F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 DT_NAME = {F32: "fp32", BF16: "bf16", F16: "fp16", torch.float64: "fp64"}
+# Every floating dtype the ops accept (fp64 too: they take any floating tensor, and compute in fp32).
 # (activation dtype, parameter dtype): one dtype throughout, and bf16 activations with fp32
 # parameters (mixed precision that keeps norms / modulation in fp32).
-ACT_PARAM = [(F32, F32), (BF16, BF16), (F16, F16), (BF16, F32)]
+ACT_PARAM = [(F32, F32), (BF16, BF16), (F16, F16), (F64, F64), (BF16, F32)]
 # (x_start, v, x_real) of leap_connect: one dtype, and fp32 latents with a bf16 model output.
-LATENT = [(F32, F32, F32), (BF16, BF16, BF16), (F16, F16, F16), (F32, BF16, F32)]
+LATENT = [(F32, F32, F32), (BF16, BF16, BF16), (F16, F16, F16), (F64, F64, F64), (F32, BF16, F32)]
 
 
 @dataclass
@@ -106,7 +107,7 @@ def cases(sizes: dict | None = None) -> list[Case]:
                                    cos, sin, s["txt"])
         out.append(Case("qk_norm_rope", "bwd", dts, launch, qk))
 
-    for a in (F32, BF16, F16):
+    for a in (F32, BF16, F16, F64):
         h = _e(B, M, L, dtype=a)
         launch, _ = _gelu.fwd_launch(h)
         out.append(Case("gelu_tanh", "fwd", f"x={DT_NAME[a]}", launch, f"({B}, {M}, {L})"))

@@ -230,11 +230,14 @@ def _qk_norm_rope_bwd_kernel(
     tl.store(row + 3 * D + d, acc_k_txt, mask=dmask)
 
 
-def _launch_cfg(h: int, dh: int) -> tuple[int, int, int]:
+def _launch_cfg(h: int, dh: int, itemsize: int = 2) -> tuple[int, int, int]:
     # ~1024-element tiles: 8 elements a thread at 4 warps (16-byte accesses in bf16) and no spills
-    # on sm_90 (ptxas -v); Flux's 24 heads of 128 are three 8-head tiles with no padded rows.
+    # on sm_90 / sm_80 (bench/results/triton_aot.md); Flux's 24 heads of 128 are three 8-head
+    # tiles with no padded rows. fp64 values take two registers each: half the tile, or the
+    # backward spills (triton 3.6, sm_80 and sm_90).
     block_d = max(next_power_of_2(dh), 2)
-    block_h = min(next_power_of_2(h), max(1, 1024 // block_d))
+    tile = 1024 if itemsize <= 4 else 512
+    block_h = min(next_power_of_2(h), max(1, tile // block_d))
     num_warps = max(4, min(16, block_h * block_d // 256))
     return block_h, block_d, num_warps
 
@@ -257,7 +260,7 @@ def fwd_launch(q4, k4, wq, wk, wq_t, wk_t, cos, sin, eps: float, n_txt: int):
     k_out = torch.empty((B, N, H, D), dtype=k4.dtype, device=k4.device)
     rstd_q = torch.empty((B, N, H), dtype=torch.float32, device=q4.device)
     rstd_k = torch.empty_like(rstd_q)
-    block_h, block_d, num_warps = _launch_cfg(H, D)
+    block_h, block_d, num_warps = _launch_cfg(H, D, max(q4.element_size(), k4.element_size()))
     launch = Launch(
         _qk_norm_rope_fwd_kernel, (B * N,),
         (q4, *_strides(q4), k4, *_strides(k4),
@@ -279,7 +282,7 @@ def bwd_launch(q4, k4, gq, gk, rstd_q, rstd_k, wq, wk, wq_t, wk_t, cos, sin, n_t
     T = B * N
     progs = persistent_programs(T, q4.device)
     dw_partial = torch.zeros((progs, 4, D), dtype=torch.float32, device=q4.device)
-    block_h, block_d, num_warps = _launch_cfg(H, D)
+    block_h, block_d, num_warps = _launch_cfg(H, D, max(q4.element_size(), k4.element_size()))
     launch = Launch(
         _qk_norm_rope_bwd_kernel, (progs if T > 0 else 0,),
         (q4, *_strides(q4), k4, *_strides(k4),
