@@ -53,7 +53,7 @@ def triton_report(targets, only=None, sizes=None, jobs=1) -> dict:
         if r.ok:
             row.update(shared_bytes=r.shared, registers=r.ptxas.get("registers"),
                        spill_stores=r.ptxas.get("spill_stores"), spill_loads=r.ptxas.get("spill_loads"),
-                       stack_bytes=r.ptxas.get("stack"))
+                       stack_bytes=r.ptxas.get("stack"), cubin=r.usage)
         else:
             row["error"] = r.error
             failures.append(r.error)

@@ -188,6 +188,40 @@ class Result:
     shared: int | None = None
     num_warps: int | None = None
     ptxas: dict = field(default_factory=dict)  # registers, spill_stores, spill_loads, stack (with the log)
+    usage: dict = field(default_factory=dict)  # cuobjdump of the cubin: REG, STACK, SHARED, LOCAL
+
+    @property
+    def spills(self) -> bool:
+        """Local memory or a stack frame in the cubin (what spilled registers need)."""
+        return bool(self.usage.get("LOCAL") or self.usage.get("STACK"))
+
+
+def _cuobjdump() -> str | None:
+    import os
+    import shutil
+
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else shutil.which("cuobjdump")
+
+
+def cubin_usage(cubin: bytes) -> dict:
+    """``cuobjdump --dump-resource-usage`` of one kernel's cubin: {"REG": n, "STACK": n, ...}
+    (empty without cuobjdump). Works on a cached compile, unlike the ptxas log."""
+    import re
+    import subprocess
+    import tempfile
+
+    tool = _cuobjdump()
+    if tool is None:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"Function [\w$]+:\s*\n\s*(.*)", out)
+    return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", m.group(1))} if m else {}
 
 
 def compile_case(case: Case, target: str, ptxas_log: bool = False) -> Result:
@@ -217,7 +251,8 @@ def compile_case(case: Case, target: str, ptxas_log: bool = False) -> Result:
                       error=f"{case.label} failed to compile for {target} with triton {triton.__version__}: "
                             f"{type(e).__name__}: {msg[:1500]}\n  arguments: {describe_args(case.launch)}")
     r = Result(case, target, True, time.perf_counter() - t0,
-               shared=int(compiled.metadata.shared), num_warps=int(compiled.metadata.num_warps))
+               shared=int(compiled.metadata.shared), num_warps=int(compiled.metadata.num_warps),
+               usage=cubin_usage(compiled.asm["cubin"]))
     if ptxas_log:
         parsed = parse_ptxas(buf.getvalue())
         entry = [v for (fn, _), v in parsed.items() if fn == compiled.metadata.name] or list(parsed.values())
@@ -236,7 +271,7 @@ def _compile_in_worker(job):
     if _worker_cases is None:
         _worker_cases = cases(sizes)
     r = compile_case(_worker_cases[i], target, ptxas_log)
-    return i, target, r.ok, r.seconds, r.error, r.shared, r.num_warps, r.ptxas
+    return i, target, r.ok, r.seconds, r.error, r.shared, r.num_warps, r.ptxas, r.usage
 
 
 def compile_all(targets=tuple(TARGETS), sizes=None, ptxas_log: bool = False, only: str | None = None,
@@ -258,9 +293,9 @@ def compile_all(targets=tuple(TARGETS), sizes=None, ptxas_log: bool = False, onl
 
     ctx = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as ex:
-        for i, t, ok, sec, err, shared, warps, ptx in ex.map(
+        for i, t, ok, sec, err, shared, warps, ptx, usage in ex.map(
                 _compile_in_worker, [(i, t, sizes, ptxas_log) for i, t in todo]):
-            r = Result(all_cases[i], t, ok, sec, err, shared, warps, ptx)
+            r = Result(all_cases[i], t, ok, sec, err, shared, warps, ptx, usage)
             results.append(r)
             if progress:
                 progress(r)
@@ -278,13 +313,21 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
 
     def show(r: Result):
-        print(("ok   " if r.ok else "FAIL ") + f"{r.target} {r.case.label} ({r.seconds:.2f}s)"
+        use = " ".join(f"{k}={r.usage[k]}" for k in ("REG", "STACK", "LOCAL", "SHARED") if k in r.usage)
+        print(("ok   " if r.ok else "FAIL ") + f"{r.target} {r.case.label} ({r.seconds:.2f}s) {use}"
               + ("" if r.ok else "\n" + r.error), flush=True)
 
     results = compile_all(args.targets, only=args.only, progress=show, jobs=args.jobs)
     bad = [r for r in results if not r.ok]
     print(f"triton {triton.__version__}: {len(results) - len(bad)} of {len(results)} kernel launches "
           f"compiled for {', '.join(args.targets)} in {time.perf_counter() - t0:.1f}s")
+    ok = [r for r in results if r.ok]
+    if ok and not any(r.usage for r in ok):
+        print("register spills: not checked (no cuobjdump)")
+    else:
+        spilled = [f"{r.target} {r.case.label} STACK={r.usage.get('STACK')} LOCAL={r.usage.get('LOCAL')}"
+                   for r in ok if r.spills]
+        print("register spills: " + ("none" if not spilled else "; ".join(spilled)))
     return 1 if bad else 0
 
 
