@@ -11,6 +11,10 @@ nvcc).
     python bench/aot_kernels.py [--out bench/results] [--name triton_aot]
 
 writes NAME.md and NAME.json; exits 1 if any kernel fails to compile (the report names it).
+The committed reports: triton_aot (triton 3.9, the development version) and triton_aot_triton3.6
+(the GPU machine's version), made in a side environment with
+    python -m venv /tmp/t36 && /tmp/t36/bin/pip install torch==2.13.0 && /tmp/t36/bin/pip install --no-deps triton==3.6.0
+    PYTHONPATH=$PWD /tmp/t36/bin/python bench/aot_kernels.py --no-csrc --name triton_aot_triton3.6
 ptxas runs only on a compile that misses triton's cache, so the report compiles into a fresh
 cache directory.
 """
