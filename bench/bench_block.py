@@ -37,7 +37,7 @@ Per block and policy:
                 formula for SDPA's CPU kernel, so this script registers one (4*B*H*Nq*Nk*Dh forward,
                 twice that backward); where attention still goes uncounted (flash-attn package),
                 measure.attention_flops is added by hand and the JSON says so.
-  backends      kernels.backend.report() and lean.attention_backend() after the lean/full passes
+  backends      a kernels.backend.recording() of the timed lean/full passes (fused ops and attention)
 
 On CPU, TRITON_INTERPRET=1 is set before anything imports triton and the lean and full passes run
 with LEAPALIGN_BACKEND=triton (``--backend``), so the fused Triton kernels really run, at full
@@ -148,7 +148,8 @@ def make_inputs(device: str, dtype, n_img: int, n_txt: int, seed: int) -> dict:
     g = torch.Generator(device="cpu").manual_seed(seed)
     h, w = _grid(n_img)
     ids = torch.cat([torch.zeros(n_txt, 3), FluxPipeline._prepare_latent_image_ids(1, h, w, "cpu", torch.float32)])
-    cos, sin = FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])(ids)
+    a0 = HEAD_DIM // 8  # FLUX.1-dev: [16, 56, 56] for its 128-wide heads
+    cos, sin = FluxPosEmbed(theta=10000, axes_dim=[a0, (HEAD_DIM - a0) // 2, (HEAD_DIM - a0) // 2])(ids)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
@@ -388,31 +389,33 @@ def run_policy(block, policy: str, inputs: dict, small_inputs: list, gouts, args
     interp = device == "cpu" and policy in ("lean", "full")
     warmup, repeats = (0, args.interp_repeats) if interp else (args.warmup, args.repeats)
     times = []
-    for i in range(warmup + repeats):
-        if device == "cuda":
-            _reset_input_grads(inputs)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fwd(inputs)
-            torch.autograd.backward(out, gouts)
-            end.record()
-            del out
-            torch.cuda.synchronize()
-            dt = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            step()
-            dt = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(dt)
+    with backend.recording() as ran:  # what the lean/full passes ran (kernels, attention)
+        for i in range(warmup + repeats):
+            if device == "cuda":
+                _reset_input_grads(inputs)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fwd(inputs)
+                torch.autograd.backward(out, gouts)
+                end.record()
+                del out
+                torch.cuda.synchronize()
+                dt = start.elapsed_time(end) / 1e3
+            else:
+                t0 = time.perf_counter()
+                step()
+                dt = time.perf_counter() - t0
+            if i >= warmup:
+                times.append(dt)
     r["time_s"] = statistics.median(times)
     r["times_s"] = times
     r["time_method"] = (f"median of CUDA events over {repeats} runs after {warmup} warm-ups"
                         if device == "cuda" else
                         f"CPU wall-clock median of {repeats} run(s) after {warmup} warm-up(s)"
                         + (", Triton interpreter" if interp else ""))
-    r["attention"] = lean.attention_backend() if policy in ("lean", "full") else "diffusers dispatch (SDPA)"
-    r["kernels"] = backend.report() if policy in ("lean", "full") else {}
+    r["attention"] = ran.get(lean.ATTENTION) if policy in ("lean", "full") else "diffusers dispatch (SDPA)"
+    r["kernels"] = ({k: v for k, v in ran.items() if k != lean.ATTENTION}
+                    if policy in ("lean", "full") else {})
     return r
 
 
@@ -572,6 +575,7 @@ def markdown(data: dict) -> str:
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
+    global WIDTH, HEADS, HEAD_DIM  # --heads / --head-dim shrink the blocks for a smoke test
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="directory for the JSON and markdown")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -586,7 +590,13 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", default="double,single")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="output file stem (default: block_<device>)")
+    p.add_argument("--heads", type=int, default=24, help="attention heads (FLUX.1-dev: 24; fewer for a smoke test)")
+    p.add_argument("--head-dim", type=int, default=128, help="head width (FLUX.1-dev: 128; a multiple of 16)")
     args = p.parse_args(argv)
+    if args.head_dim % 16:
+        p.error("--head-dim must be a multiple of 16 (Flux's RoPE axes split it 1/8 + 7/16 + 7/16)")
+    HEADS, HEAD_DIM = args.heads, args.head_dim
+    WIDTH = HEADS * HEAD_DIM
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device")
@@ -610,6 +620,11 @@ def main(argv=None) -> int:
     inputs = make_inputs(dev, dtype, n_img, n_txt, args.seed + 1)
     small = [make_inputs(dev, dtype, max(n_img // d, 1), max(n_txt // d, 1), args.seed + 1) for d in (2, 4)]
     blocks = {"double": model.transformer_blocks[0], "single": model.single_transformer_blocks[0]}
+    # Everything alive now (modules, the blocks, their inputs) stays alive to the end: moved out of
+    # the collector's reach, the many gc.collect() calls below scan only what the passes create
+    # (a full collection over diffusers' and transformers' imports costs ~0.7 s on a CPU).
+    gc.collect()
+    gc.freeze()
     kinds = [k.strip() for k in args.blocks.split(",") if k.strip()]
 
     out = Path(args.out)
@@ -639,6 +654,7 @@ def main(argv=None) -> int:
             p_.grad = None
     lean.apply_policy(model, "none")
     os.environ.pop(backend.ENV_VAR, None)
+    gc.unfreeze()
 
     n_tok = n_img + n_txt
     data = {

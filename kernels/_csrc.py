@@ -41,6 +41,9 @@ NO_JIT_ENV = "LEAPALIGN_NO_JIT"
 # Flags shared with setup.py so both builds compile the same thing.
 EXTRA_CFLAGS = ["-O3"]
 EXTRA_CUDA_CFLAGS = ["-O3"]
+# The GPUs compiled for ahead of time (tests, resource report): A100 and H100/H200.
+# CUDA 13 dropped everything before sm_75.
+AOT_ARCHS = ("80", "90")
 
 _lock = threading.RLock()
 # None: not tried yet; ("ok", module_or_None, where) or ("fail", reason).
@@ -61,15 +64,58 @@ def _ops_registered() -> bool:
         return False
 
 
-def _find_nvcc() -> str | None:
+def find_nvcc() -> str | None:
+    """nvcc under $CUDA_HOME / $CUDA_PATH (or torch's CUDA_HOME), else on PATH."""
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
     from torch.utils import cpp_extension
 
     home = cpp_extension.CUDA_HOME
-    if home:
-        nvcc = Path(home) / "bin" / "nvcc"
-        if nvcc.exists():
-            return str(nvcc)
+    if home and (Path(home) / "bin" / "nvcc").exists():
+        return str(Path(home) / "bin" / "nvcc")
     return shutil.which("nvcc")
+
+
+
+def nvcc_compile_command(src: Path, obj: Path, nvcc: str, archs=AOT_ARCHS, ptxas_verbose: bool = False) -> list[str]:
+    """nvcc command compiling one csrc file to an object as the extension build would, for
+    ``archs``; with ``ptxas_verbose`` ptxas reports registers and spills per kernel and arch
+    (``kernels.utils.parse_ptxas`` reads them)."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    src, obj = Path(src), Path(obj)
+    torch_inc = Path(cpp_extension.include_paths()[0])
+    cmd = [nvcc, "-c", str(src), "-o", str(obj), "-std=c++20", *EXTRA_CUDA_CFLAGS, "-Xcompiler", "-fPIC"]
+    if src.suffix == ".cu":
+        cmd += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        cmd += list(cpp_extension.COMMON_NVCC_FLAGS)  # the __CUDA_NO_HALF_* defines torch adds
+        if ptxas_verbose:
+            cmd += ["-Xptxas", "-v"]
+    cmd += [
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        "-DTORCH_EXTENSION_NAME=_C",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+    ]
+    if not (torch_inc / "c10/cuda/impl/cuda_cmake_macros.h").exists():
+        # CPU wheels lack this CMake-generated header; it only sets Windows dllexport macros.
+        cmd.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
+    for inc in [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], str(CSRC_DIR)]:
+        cmd += ["-I", inc]
+    return cmd
+
+
+def demangle(names: list[str]) -> dict[str, str]:
+    """C++ symbol -> readable name (c++filt when present; the symbol itself otherwise)."""
+    import subprocess
+
+    tool = shutil.which("c++filt")
+    if not tool or not names:
+        return {n: n for n in names}
+    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
 
 
 def _attempt() -> tuple:
@@ -106,7 +152,7 @@ def _attempt() -> tuple:
         from torch.utils import cpp_extension
     except Exception as e:
         return fail(f"torch.utils.cpp_extension unavailable: {e}")
-    if _find_nvcc() is None:
+    if find_nvcc() is None:
         return fail("nvcc not found (set CUDA_HOME or put nvcc on PATH), no JIT build")
     if not cpp_extension.is_ninja_available():
         return fail("ninja not found (pip install ninja), no JIT build")

@@ -12,11 +12,21 @@ The choice is made per call from where the tensors live and what is built:
 
 ``LEAPALIGN_BACKEND=cuda|triton|torch`` forces one; forcing one that cannot run is an error,
 never a silent fallback, so a benchmark always measures what it says it measures.
-``last_backend(op)`` tells which one ran for the most recent call of ``op``.
+
+What ran is reported to whoever asks for it, through a record::
+
+    with backend.recording() as ran:
+        y = mod_layernorm(x, scale, shift)
+    ran["mod_layernorm"]   # "triton"
+
+Each open record maps every op picked inside its ``with`` block to the backend of its latest
+call; nothing is written anywhere when no record is open.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 import torch
 
@@ -34,7 +44,8 @@ jit = triton.jit if triton is not None else (lambda fn: fn)
 BACKENDS = ("cuda", "triton", "torch")
 ENV_VAR = "LEAPALIGN_BACKEND"
 
-_last: dict[str, str] = {}
+# The records of the ``recording()`` blocks now open (innermost last): written only while one is.
+_records: list[dict[str, str]] = []
 
 
 def triton_interpret() -> bool:
@@ -92,7 +103,7 @@ def _available(name: str, op: str, on_cuda: bool, fake: bool = False) -> tuple[b
 
 
 def pick(op: str, *tensors: torch.Tensor | None) -> str:
-    """Choose the backend for one call of ``op`` on ``tensors`` and record it."""
+    """Choose the backend for one call of ``op`` on ``tensors``; open records note the choice."""
     on_cuda = any(t is not None and t.is_cuda for t in tensors)
     fake = any(_is_fake(t) for t in tensors)
     forced = os.environ.get(ENV_VAR, "").strip().lower()
@@ -103,15 +114,27 @@ def pick(op: str, *tensors: torch.Tensor | None) -> str:
         choice = forced
     else:
         choice = next(b for b in BACKENDS if _available(b, op, on_cuda, fake)[0])
-    _last[op] = choice
+    note(op, choice)
     return choice
 
 
-def last_backend(op: str) -> str | None:
-    """The backend that ran the most recent call of ``op`` (None if it never ran)."""
-    return _last.get(op)
+def note(op: str, name: str) -> None:
+    """Tell every open record that ``op`` ran on ``name`` (``pick`` does this for the fused ops;
+    callers with a dispatch of their own, e.g. the lean blocks' attention, use it too)."""
+    for rec in _records:
+        rec[op] = name
 
 
-def report() -> dict[str, str]:
-    """Backend of the latest call of every op that has run, e.g. for a benchmark's JSON."""
-    return dict(_last)
+@contextlib.contextmanager
+def recording() -> Iterator[dict[str, str]]:
+    """A dict filled, while the block runs, with op -> backend of that op's latest call."""
+    rec: dict[str, str] = {}
+    _records.append(rec)
+    try:
+        yield rec
+    finally:
+        # remove this record by identity (records nest, and equal dicts are not the same record)
+        for i in range(len(_records) - 1, -1, -1):
+            if _records[i] is rec:
+                del _records[i]
+                break

@@ -16,8 +16,7 @@ What backward keeps (the lean choice):
 
 Backends: ``torch`` (reference under autograd), ``triton`` (kernels below, wrapped as the custom
 ops ``leapalign_triton::gated_residual[_ln]_fwd/bwd``, which also run on FakeTensors). There is no csrc op
-for this one in the contract; if the csrc extension ever reports one, the ``cuda`` branch
-composes the residual in torch with the csrc modulated LayerNorm.
+for this one (``LEAPALIGN_BACKEND=cuda`` is refused by ``backend.pick``).
 """
 from __future__ import annotations
 
@@ -25,19 +24,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels import backend
-from kernels.mod_layernorm import (
-    ModLayerNormFunction,
-    _bcast,
-    _check as _check_mod_ln,
-    _compute_dtype,
-    as_rows,
-    check_launchable,
-    grad_chunks,
-    mod_layernorm_reference,
-    row_settings,
-)
-
-from kernels.backend import jit as _jit, tl, triton  # triton is None where not installed
+from kernels.backend import jit as _jit, tl  # tl is None where triton is not installed
+from kernels.mod_layernorm import check_args as _check_mod_ln, mod_layernorm_reference
+from kernels.utils import Launch, as_rows, bcast, cdiv, compute_dtype, grad_chunks, row_settings
 
 OP = "gated_residual"
 
@@ -69,8 +58,8 @@ def gated_residual_reference(x, gate, y, scale=None, shift=None, eps: float = 1e
     ``n`` is normalised from the unrounded fp32 ``r``, as the fused kernel does.
     """
     _check(x, gate, y, scale, shift, eps)
-    cdt = _compute_dtype(x, gate, y)
-    r = x.to(cdt) + _bcast(gate.to(cdt), x) * y.to(cdt)
+    cdt = compute_dtype(x, gate, y)
+    r = x.to(cdt) + bcast(gate.to(cdt), x) * y.to(cdt)
     if scale is None:
         return r.to(x.dtype)
     n = mod_layernorm_reference(r, scale, shift, eps)
@@ -192,8 +181,9 @@ def _gated_residual_bwd_kernel(
 # below then saves exactly what it saves around the real kernels. A custom op returns no
 # optional tensors, hence one op per variant (plain / fused LayerNorm), and an unwritten grad_x
 # comes back as a 0-element tensor.
-def _fwd_launch(x3, gate, y3, scale, shift, eps):
-    check_launchable(_gated_residual_fwd_kernel, x3)
+def fwd_launch(x3, gate, y3, scale, shift, eps):
+    """The forward kernel's launch and its outputs (r, n, mean, rstd); without scale/shift
+    (plain residual) n, mean and rstd are r itself (never written)."""
     B, M, D = x3.shape
     fused = scale is not None
     r = torch.empty((B, M, D), dtype=x3.dtype, device=x3.device)
@@ -207,22 +197,26 @@ def _fwd_launch(x3, gate, y3, scale, shift, eps):
         n = mean = rstd = r
         sc = sh = gate
     BLOCK_D, num_warps = row_settings(D)
-    _gated_residual_fwd_kernel[(B * M,)](
-        x3, gate, y3, sc, sh,
-        r, n, mean, rstd,
-        M, D,
-        *x3.stride(), *y3.stride(),
-        *gate.stride(), *sc.stride(), *sh.stride(),
-        eps,
-        FUSED_LN=fused, BLOCK_D=BLOCK_D, num_warps=num_warps,
-    )
-    return r, n, mean, rstd
+    launch = Launch(
+        _gated_residual_fwd_kernel, (B * M,),
+        (x3, gate, y3, sc, sh, r, n, mean, rstd, M, D,
+         *x3.stride(), *y3.stride(), *gate.stride(), *sc.stride(), *sh.stride(), float(eps)),
+        dict(FUSED_LN=fused, BLOCK_D=BLOCK_D), num_warps,
+        reads=(x3, gate, y3) + ((scale, shift) if fused else ()),
+        writes=(r,) + ((n, mean, rstd) if fused else ()))
+    return launch, (r, n, mean, rstd)
+
+
+def _fwd_run(x3, gate, y3, scale, shift, eps):
+    launch, outs = fwd_launch(x3, gate, y3, scale, shift, eps)
+    launch.run()
+    return outs
 
 
 @torch.library.custom_op("leapalign_triton::gated_residual_fwd", mutates_args=())
 def _triton_fwd(x3: torch.Tensor, gate: torch.Tensor, y3: torch.Tensor) -> torch.Tensor:
     """r = x + gate * y for x3, y3 (B, M, D) of any strides; r dense in x3's dtype."""
-    return _fwd_launch(x3, gate, y3, None, None, 0.0)[0]
+    return _fwd_run(x3, gate, y3, None, None, 0.0)[0]
 
 
 @_triton_fwd.register_fake
@@ -235,7 +229,7 @@ def _triton_ln_fwd(x3: torch.Tensor, gate: torch.Tensor, y3: torch.Tensor, scale
                    shift: torch.Tensor, eps: float
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(r, n, mean, rstd): r and n dense (B, M, D) in x3's dtype, fp32 mean/rstd (B*M,)."""
-    return _fwd_launch(x3, gate, y3, scale, shift, eps)
+    return _fwd_run(x3, gate, y3, scale, shift, eps)
 
 
 @_triton_ln_fwd.register_fake
@@ -246,15 +240,17 @@ def _(x3, gate, y3, scale, shift, eps):
     return r, torch.empty_like(r), mean, torch.empty_like(mean)
 
 
-def _bwd_launch(gr3, gn3, x3, y3, gate, scale, mean, rstd, write_gx):
-    check_launchable(_gated_residual_bwd_kernel, y3)
+def bwd_launch(gr3, gn3, x3, y3, gate, scale, mean, rstd, write_gx):
+    """The backward kernel's launch and its outputs (grad_x or None, grad_y, and the fp32
+    per-program partials (B, n_chunks, D) of grad_gate, grad_scale, grad_shift; the last two are
+    the grad_gate buffer itself when no gradient reaches n)."""
     B, M, D = y3.shape
     dev = y3.device
     has_gr, has_gn = gr3 is not None, gn3 is not None
     gx = torch.empty((B, M, D), dtype=x3.dtype, device=dev) if write_gx else None
     gy = torch.empty((B, M, D), dtype=y3.dtype, device=dev)
     n_chunks = grad_chunks(B, M, dev)
-    rows_per_prog = triton.cdiv(M, n_chunks)
+    rows_per_prog = cdiv(M, n_chunks)
     ggate_part = torch.empty((B, n_chunks, D), dtype=torch.float32, device=dev)
     gscale_part = torch.empty_like(ggate_part) if has_gn else ggate_part
     gshift_part = torch.empty_like(ggate_part) if has_gn else ggate_part
@@ -266,15 +262,24 @@ def _bwd_launch(gr3, gn3, x3, y3, gate, scale, mean, rstd, write_gx):
     mean_arg = mean if mean is not None else ggate_part
     rstd_arg = rstd if rstd is not None else ggate_part
     BLOCK_D, num_warps = row_settings(D)
-    _gated_residual_bwd_kernel[(B, n_chunks)](
-        gr_arg, gn_arg, x_arg, y3, gate, sc_arg, mean_arg, rstd_arg,
-        gx if write_gx else gy, gy, ggate_part, gscale_part, gshift_part,
-        M, D, rows_per_prog, n_chunks,
-        *gr_arg.stride(), *gn_arg.stride(), *x_arg.stride(), *y3.stride(),
-        *gate.stride(), *sc_arg.stride(),
-        HAS_GR=has_gr, HAS_GN=has_gn, WRITE_GX=write_gx,
-        BLOCK_D=BLOCK_D, num_warps=num_warps,
-    )
+    launch = Launch(
+        _gated_residual_bwd_kernel, (B, n_chunks),
+        (gr_arg, gn_arg, x_arg, y3, gate, sc_arg, mean_arg, rstd_arg,
+         gx if write_gx else gy, gy, ggate_part, gscale_part, gshift_part,
+         M, D, rows_per_prog, n_chunks,
+         *gr_arg.stride(), *gn_arg.stride(), *x_arg.stride(), *y3.stride(),
+         *gate.stride(), *sc_arg.stride()),
+        dict(HAS_GR=has_gr, HAS_GN=has_gn, WRITE_GX=bool(write_gx), BLOCK_D=BLOCK_D), num_warps,
+        reads=(y3, gate) + ((gr3,) if has_gr else ()) + ((gn3, x3, scale, mean, rstd) if has_gn else ()),
+        writes=(gy, ggate_part) + ((gx,) if write_gx else ()) + ((gscale_part, gshift_part) if has_gn else ()))
+    return launch, (gx, gy, ggate_part, gscale_part, gshift_part)
+
+
+def _bwd_run(gr3, gn3, x3, y3, gate, scale, mean, rstd, write_gx):
+    launch, (gx, gy, ggate_part, gscale_part, gshift_part) = bwd_launch(
+        gr3, gn3, x3, y3, gate, scale, mean, rstd, write_gx)
+    launch.run()
+    has_gn = gn3 is not None
     gscale = gscale_part.sum(1) if has_gn else None
     gshift = gshift_part.sum(1) if has_gn else None
     return gx, gy, ggate_part.sum(1), gscale, gshift
@@ -285,7 +290,7 @@ def _triton_bwd(gr3: torch.Tensor, y3: torch.Tensor, gate: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Only the gradient reaching r: (grad_y dense in y3's dtype, fp32 grad_gate (B, D)).
     grad_x is gr3 itself and needs no kernel."""
-    _, gy, ggate, _, _ = _bwd_launch(gr3, None, None, y3, gate, None, None, None, False)
+    _, gy, ggate, _, _ = _bwd_run(gr3, None, None, y3, gate, None, None, None, False)
     return gy, ggate
 
 
@@ -303,7 +308,7 @@ def _triton_ln_bwd(gr3: torch.Tensor | None, gn3: torch.Tensor, x3: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A gradient reaches n (and maybe r): (grad_x, grad_y, grad_gate, grad_scale, grad_shift);
     grad_x/grad_y dense in x3's/y3's dtype (grad_x 0-element unless write_gx), the rest fp32 (B, D)."""
-    gx, gy, ggate, gscale, gshift = _bwd_launch(gr3, gn3, x3, y3, gate, scale, mean, rstd, write_gx)
+    gx, gy, ggate, gscale, gshift = _bwd_run(gr3, gn3, x3, y3, gate, scale, mean, rstd, write_gx)
     if gx is None:
         gx = x3.new_empty(0)
     return gx, gy, ggate, gscale, gshift
@@ -382,10 +387,6 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor,
     impl = backend.pick(OP, x, gate, y, scale, shift)
     if impl == "torch":
         return gated_residual_reference(x, gate, y, scale, shift, eps)
-    if impl == "cuda":
-        # No fused csrc op in the contract: torch residual + the csrc modulated LayerNorm.
-        r = (x.float() + _bcast(gate.float(), x) * y.float()).to(x.dtype)
-        if scale is None:
-            return r
-        return r, ModLayerNormFunction.apply(r, scale, shift, float(eps), "cuda")
-    return GatedResidualFunction.apply(x, gate, y, scale, shift, float(eps))
+    if impl == "triton":
+        return GatedResidualFunction.apply(x, gate, y, scale, shift, float(eps))
+    raise RuntimeError(f"{OP} has no {impl!r} implementation")

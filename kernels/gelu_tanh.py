@@ -11,7 +11,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels import backend
-from kernels.backend import jit as _jit, tl, triton  # triton is None where not installed
+from kernels.backend import jit as _jit, tl  # tl is None where triton is not installed
+from kernels.utils import Launch, cdiv
 
 OP = "gelu_tanh"
 
@@ -65,8 +66,20 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_contiguous() else x.contiguous()
 
 
-def _grid(n: int):
-    return (triton.cdiv(n, _BLOCK),)
+def fwd_launch(x: torch.Tensor):
+    """The forward kernel's launch on a dense x and its output (dense, x's dtype)."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # as the fake impl: dense strides
+    n = x.numel()
+    return Launch(_gelu_tanh_fwd_kernel, (cdiv(n, _BLOCK),), (x, y, n), dict(BLOCK=_BLOCK), 4,
+                  reads=(x,), writes=(y,)), y
+
+
+def bwd_launch(x: torch.Tensor, dy: torch.Tensor):
+    """The backward kernel's launch on dense x, dy and its output dx (dense, x's dtype)."""
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    n = x.numel()
+    return Launch(_gelu_tanh_bwd_kernel, (cdiv(n, _BLOCK),), (x, dy, dx, n), dict(BLOCK=_BLOCK), 4,
+                  reads=(x, dy), writes=(dx,)), dx
 
 
 # Kernels are launched only inside ``torch.library.custom_op``s (namespace ``leapalign_triton``;
@@ -76,11 +89,8 @@ def _grid(n: int):
 @torch.library.custom_op("leapalign_triton::gelu_tanh_fwd", mutates_args=())
 def _triton_fwd(x: torch.Tensor) -> torch.Tensor:
     """y = gelu_tanh(x), dense, x's dtype; x is read as a flat buffer (copied if strided)."""
-    x = _flat(x)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # as the fake impl: dense strides
-    n = x.numel()
-    if n:
-        _gelu_tanh_fwd_kernel[_grid(n)](x, y, n, BLOCK=_BLOCK, num_warps=4)
+    launch, y = fwd_launch(_flat(x))
+    launch.run()  # a no-op for an empty x (zero programs)
     return y
 
 
@@ -92,11 +102,8 @@ def _(x):
 @torch.library.custom_op("leapalign_triton::gelu_tanh_bwd", mutates_args=())
 def _triton_bwd(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """dx = dy * gelu_tanh'(x), dense, x's dtype."""
-    x, dy = _flat(x), _flat(dy)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    n = x.numel()
-    if n:
-        _gelu_tanh_bwd_kernel[_grid(n)](x, dy, dx, n, BLOCK=_BLOCK, num_warps=4)
+    launch, dx = bwd_launch(_flat(x), _flat(dy))
+    launch.run()
     return dx
 
 

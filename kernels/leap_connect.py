@@ -26,7 +26,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels import backend
-from kernels.backend import jit as _jit, tl, triton  # triton is None where not installed
+from kernels.backend import jit as _jit, tl  # tl is None where triton is not installed
+from kernels.utils import Launch, cdiv, next_power_of_2
 
 OP = "leap_connect"
 
@@ -121,13 +122,46 @@ def _leap_connect_bwd_kernel(
         tl.store(gv_ptr + offs, (-c * g).to(gv_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_launchable(kernel, t: torch.Tensor) -> None:
-    # triton decides interpret-vs-compile for every @jit (its own library included) when it is
-    # first imported, so CPU tensors need a process that imported triton with TRITON_INTERPRET=1.
-    if t.device.type == "cpu" and type(kernel).__name__ != "InterpretedFunction":
-        raise RuntimeError(
-            "triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is first "
-            "imported in this process (triton was imported in compile mode)")
+def _block_settings(n: int) -> tuple[int, int]:
+    block = min(4096, next_power_of_2(n))
+    return block, 8 if block >= 2048 else 4
+
+
+def fwd_launch(xs: torch.Tensor, v: torch.Tensor, xr: torch.Tensor, c: float):
+    """The forward kernel's launch on dense (B, ...) inputs and its outputs: conn, inp (xr's
+    dtype) and the float64 per-block partial sums (B, n_blocks) of |x_real - xhat|."""
+    B = xs.shape[0]
+    N = xs.numel() // B
+    conn = torch.empty(xr.shape, dtype=xr.dtype, device=xr.device)
+    inp = torch.empty_like(conn)
+    BLOCK, num_warps = _block_settings(N)
+    n_blocks = cdiv(N, BLOCK)
+    part = torch.empty((B, n_blocks), dtype=torch.float64, device=xs.device)
+    launch = Launch(_leap_connect_fwd_kernel, (B, n_blocks),
+                    (xs, v, xr, conn, inp, part, N, n_blocks, float(c)),
+                    dict(BLOCK=BLOCK), num_warps, reads=(xs, v, xr), writes=(conn, inp, part))
+    return launch, (conn, inp, part)
+
+
+def bwd_launch(g_conn, g_inp, c: float, alpha: float, xs_dtype: torch.dtype, v_dtype: torch.dtype,
+               write_xs: bool, write_v: bool):
+    """The backward kernel's launch on the dense incoming grads (at least one given) and its
+    outputs grad_x_start, grad_v in the given dtypes, each 0-element when not written."""
+    some = g_conn if g_conn is not None else g_inp
+    numel = some.numel()
+    shape = some.shape
+    gxs = torch.empty(shape if write_xs else (0,), dtype=xs_dtype, device=some.device)
+    gv = torch.empty(shape if write_v else (0,), dtype=v_dtype, device=some.device)
+    BLOCK, num_warps = _block_settings(numel)
+    launch = Launch(
+        _leap_connect_bwd_kernel, (cdiv(numel, BLOCK),),
+        (g_conn if g_conn is not None else some, g_inp if g_inp is not None else some,
+         gxs if write_xs else gv, gv if write_v else gxs, numel, float(c), float(alpha)),
+        dict(HAS_GC=g_conn is not None, HAS_GI=g_inp is not None,
+             WRITE_XS=bool(write_xs), WRITE_V=bool(write_v), BLOCK=BLOCK), num_warps,
+        reads=tuple(g for g in (g_conn, g_inp) if g is not None),
+        writes=((gxs,) if write_xs else ()) + ((gv,) if write_v else ()))
+    return launch, (gxs, gv)
 
 
 # Kernels are launched only inside ``torch.library.custom_op``s (namespace ``leapalign_triton``;
@@ -138,19 +172,9 @@ def _check_launchable(kernel, t: torch.Tensor) -> None:
 def _triton_fwd(xs: torch.Tensor, v: torch.Tensor, xr: torch.Tensor,
                 c: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense (B, ...) inputs; returns conn, inp (copies of xr, its dtype) and float64 dist (B,)."""
-    _check_launchable(_leap_connect_fwd_kernel, xs)
-    B = xs.shape[0]
-    N = xs.numel() // B
-    conn = torch.empty(xr.shape, dtype=xr.dtype, device=xr.device)
-    inp = torch.empty_like(conn)
-    BLOCK = min(4096, triton.next_power_of_2(N))
-    n_blocks = triton.cdiv(N, BLOCK)
-    part = torch.empty((B, n_blocks), dtype=torch.float64, device=xs.device)
-    _leap_connect_fwd_kernel[(B, n_blocks)](
-        xs, v, xr, conn, inp, part, N, n_blocks, c,
-        BLOCK=BLOCK, num_warps=8 if BLOCK >= 2048 else 4,
-    )
-    return conn, inp, part.sum(dim=1) / N
+    launch, (conn, inp, part) = fwd_launch(xs, v, xr, c)
+    launch.run()
+    return conn, inp, part.sum(dim=1) / (xs.numel() // xs.shape[0])
 
 
 @_triton_fwd.register_fake
@@ -166,21 +190,8 @@ def _triton_bwd(g_conn: torch.Tensor | None, g_inp: torch.Tensor | None, c: floa
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense incoming grads (at least one given); returns grad_x_start, grad_v in the given dtypes,
     each 0-element when not written."""
-    some = g_conn if g_conn is not None else g_inp
-    _check_launchable(_leap_connect_bwd_kernel, some)
-    numel = some.numel()
-    shape = some.shape
-    gxs = torch.empty(shape if write_xs else (0,), dtype=xs_dtype, device=some.device)
-    gv = torch.empty(shape if write_v else (0,), dtype=v_dtype, device=some.device)
-    BLOCK = min(4096, triton.next_power_of_2(numel))
-    _leap_connect_bwd_kernel[(triton.cdiv(numel, BLOCK),)](
-        g_conn if g_conn is not None else some, g_inp if g_inp is not None else some,
-        gxs if write_xs else gv, gv if write_v else gxs,
-        numel, c, alpha,
-        HAS_GC=g_conn is not None, HAS_GI=g_inp is not None,
-        WRITE_XS=write_xs, WRITE_V=write_v,
-        BLOCK=BLOCK, num_warps=8 if BLOCK >= 2048 else 4,
-    )
+    launch, (gxs, gv) = bwd_launch(g_conn, g_inp, c, alpha, xs_dtype, v_dtype, write_xs, write_v)
+    launch.run()
     return gxs, gv
 
 

@@ -14,28 +14,18 @@ autograd, ``triton`` the kernels below (wrapped as the custom ops
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 from kernels import backend
-from kernels.backend import jit as _jit, tl, triton  # triton is None where not installed
+from kernels.backend import jit as _jit, tl  # tl is None where triton is not installed
+from kernels.utils import Launch, as_rows, bcast, cdiv, compute_dtype, grad_chunks, row_settings
 
 OP = "mod_layernorm"
 
 
 # --------------------------------------------------------------------------- reference
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    # fp32 at least (bf16/fp16 statistics are too coarse); fp64 when given fp64, so that
-    # gradcheck of the reference is meaningful.
-    dt = torch.float32
-    for t in tensors:
-        dt = torch.promote_types(dt, t.dtype)
-    return dt
-
-
 def _check(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> None:
     if x.dim() < 2:
         raise ValueError(f"{OP}: x must be (B, ..., D), got shape {tuple(x.shape)}")
@@ -54,74 +44,17 @@ def _check(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float
         raise ValueError(f"{OP}: eps must be > 0, got {eps}")
 
 
-def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B, D) -> (B, 1, ..., 1, D) matching x's rank."""
-    return t.reshape(t.shape[0], *([1] * (x.dim() - 2)), t.shape[-1])
+check_args = _check  # public: gated_residual validates its LayerNorm arguments with it
 
 
 def mod_layernorm_reference(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                             eps: float = 1e-6) -> torch.Tensor:
     """Plain torch: LayerNorm without affine, then ``* (1 + scale) + shift``; fp32 math, x's dtype out."""
     _check(x, scale, shift, eps)
-    cdt = _compute_dtype(x, scale, shift)
+    cdt = compute_dtype(x, scale, shift)
     n = F.layer_norm(x.to(cdt), (x.shape[-1],), eps=eps)
-    y = n * (1 + _bcast(scale.to(cdt), x)) + _bcast(shift.to(cdt), x)
+    y = n * (1 + bcast(scale.to(cdt), x)) + bcast(shift.to(cdt), x)
     return y.to(x.dtype)
-
-
-# --------------------------------------------------------------------------- launch helpers
-def row_settings(D: int) -> tuple[int, int]:
-    """(BLOCK_D, num_warps) for kernels that hold one whole row of width D in registers."""
-    block = triton.next_power_of_2(D)
-    if block > 65536:
-        raise ValueError(f"feature width {D} is too wide for a one-row-per-program kernel")
-    # Liger's heuristic: enough warps that each thread keeps <= ~16 elements of the row.
-    num_warps = 4
-    if block >= 32768:
-        num_warps = 32
-    elif block >= 8192:
-        num_warps = 16
-    elif block >= 2048:
-        num_warps = 8
-    return block, num_warps
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def grad_chunks(B: int, M: int, device: torch.device) -> int:
-    """How many programs per sample reduce the (B, D) parameter-like grads over the M rows.
-
-    Each program accumulates its rows' partial sums in registers and writes one (D,) partial;
-    torch sums the partials. That is deterministic (no atomics) and keeps the whole GPU busy
-    when B is 1 or 2, which is the usual case for Flux fine-tuning.
-    """
-    if device.type == "cuda":
-        target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        target = 4  # the interpreter runs programs one after another: few is as good as many
-    return max(1, min(M, triton.cdiv(target, B)))
-
-
-def check_launchable(kernel, t: torch.Tensor) -> None:
-    # triton decides interpret-vs-compile for every @jit (its own library included) when it is
-    # first imported, so CPU tensors need a process that imported triton with TRITON_INTERPRET=1.
-    if t.device.type == "cpu" and type(kernel).__name__ != "InterpretedFunction":
-        raise RuntimeError(
-            "triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is first "
-            "imported in this process (triton was imported in compile mode)")
-
-
-def as_rows(x: torch.Tensor) -> torch.Tensor:
-    """x (B, ..., D) as a (B, M, D) tensor; a view whenever the middle dims merge into one stride.
-
-    The kernels take all three strides, so sliced or transposed-batch inputs need no copy; only
-    layouts where the middle dims cannot be flattened (reshape's own rule) are copied.
-    """
-    B, D = x.shape[0], x.shape[-1]
-    return x.reshape(B, -1, D)
 
 
 # --------------------------------------------------------------------------- triton kernels
@@ -209,24 +142,30 @@ def _mod_ln_bwd_kernel(
 # FakeTensorMode the Function below saves exactly the tensors the kernels would, and a fake
 # full-size model measures the real saved bytes. The ops live in ``leapalign_triton``: the
 # ``leapalign`` namespace belongs to the csrc extension's TORCH_LIBRARY.
-@torch.library.custom_op("leapalign_triton::mod_layernorm_fwd", mutates_args=())
-def _triton_fwd(x3: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x3 (B, M, D), any strides; returns y (B, M, D) dense in x3's dtype, fp32 mean, rstd (B*M,)."""
-    check_launchable(_mod_ln_fwd_kernel, x3)
+def fwd_launch(x3: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float):
+    """The forward kernel's launch on x3 (B, M, D) of any strides, and its outputs
+    (y (B, M, D) dense in x3's dtype, fp32 mean and rstd (B*M,)), allocated on x3's device."""
     B, M, D = x3.shape
     y = torch.empty((B, M, D), dtype=x3.dtype, device=x3.device)
     mean = torch.empty(B * M, dtype=torch.float32, device=x3.device)
     rstd = torch.empty(B * M, dtype=torch.float32, device=x3.device)
     BLOCK_D, num_warps = row_settings(D)
-    _mod_ln_fwd_kernel[(B * M,)](
-        x3, scale, shift, y, mean, rstd,
-        M, D,
-        *x3.stride(), *scale.stride(), *shift.stride(),
-        eps,
-        BLOCK_D=BLOCK_D, num_warps=num_warps,
-    )
-    return y, mean, rstd
+    launch = Launch(
+        _mod_ln_fwd_kernel, (B * M,),
+        (x3, scale, shift, y, mean, rstd, M, D,
+         *x3.stride(), *scale.stride(), *shift.stride(), float(eps)),
+        dict(BLOCK_D=BLOCK_D), num_warps,
+        reads=(x3, scale, shift), writes=(y, mean, rstd))
+    return launch, (y, mean, rstd)
+
+
+@torch.library.custom_op("leapalign_triton::mod_layernorm_fwd", mutates_args=())
+def _triton_fwd(x3: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x3 (B, M, D), any strides; returns y (B, M, D) dense in x3's dtype, fp32 mean, rstd (B*M,)."""
+    launch, outs = fwd_launch(x3, scale, shift, eps)
+    launch.run()
+    return outs
 
 
 @_triton_fwd.register_fake
@@ -237,25 +176,33 @@ def _(x3, scale, shift, eps):
     return y, mean, torch.empty_like(mean)
 
 
+def bwd_launch(gy3: torch.Tensor, x3: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
+               rstd: torch.Tensor):
+    """The backward kernel's launch and its outputs: grad_x (B, M, D) dense in x3's dtype and the
+    fp32 per-program partials of grad_scale, grad_shift (B, n_chunks, D)."""
+    B, M, D = x3.shape
+    gx = torch.empty((B, M, D), dtype=x3.dtype, device=x3.device)
+    n_chunks = grad_chunks(B, M, x3.device)
+    rows_per_prog = cdiv(M, n_chunks)
+    gscale_part = torch.empty((B, n_chunks, D), dtype=torch.float32, device=x3.device)
+    gshift_part = torch.empty_like(gscale_part)
+    BLOCK_D, num_warps = row_settings(D)
+    launch = Launch(
+        _mod_ln_bwd_kernel, (B, n_chunks),
+        (gy3, x3, scale, mean, rstd, gx, gscale_part, gshift_part,
+         M, D, rows_per_prog, n_chunks,
+         *gy3.stride(), *x3.stride(), *scale.stride()),
+        dict(BLOCK_D=BLOCK_D), num_warps,
+        reads=(gy3, x3, scale, mean, rstd), writes=(gx, gscale_part, gshift_part))
+    return launch, (gx, gscale_part, gshift_part)
+
+
 @torch.library.custom_op("leapalign_triton::mod_layernorm_bwd", mutates_args=())
 def _triton_bwd(gy3: torch.Tensor, x3: torch.Tensor, scale: torch.Tensor,
                 mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns grad_x (B, M, D) dense in x3's dtype and fp32 grad_scale, grad_shift (B, D)."""
-    check_launchable(_mod_ln_bwd_kernel, x3)
-    B, M, D = x3.shape
-    gx = torch.empty((B, M, D), dtype=x3.dtype, device=x3.device)
-    n_chunks = grad_chunks(B, M, x3.device)
-    rows_per_prog = triton.cdiv(M, n_chunks)
-    gscale_part = torch.empty((B, n_chunks, D), dtype=torch.float32, device=x3.device)
-    gshift_part = torch.empty_like(gscale_part)
-    BLOCK_D, num_warps = row_settings(D)
-    _mod_ln_bwd_kernel[(B, n_chunks)](
-        gy3, x3, scale, mean, rstd,
-        gx, gscale_part, gshift_part,
-        M, D, rows_per_prog, n_chunks,
-        *gy3.stride(), *x3.stride(), *scale.stride(),
-        BLOCK_D=BLOCK_D, num_warps=num_warps,
-    )
+    launch, (gx, gscale_part, gshift_part) = bwd_launch(gy3, x3, scale, mean, rstd)
+    launch.run()
     return gx, gscale_part.sum(1), gshift_part.sum(1)
 
 

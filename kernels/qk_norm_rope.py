@@ -32,7 +32,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels import backend
-from kernels.backend import jit as _jit, tl, triton  # triton is None where not installed
+from kernels.backend import jit as _jit, tl  # tl is None where triton is not installed
+from kernels.utils import Launch, next_power_of_2, persistent_programs
 
 OP = "qk_norm_rope"
 
@@ -229,21 +230,16 @@ def _qk_norm_rope_bwd_kernel(
     tl.store(row + 3 * D + d, acc_k_txt, mask=dmask)
 
 
-def _launch_cfg(h: int, dh: int) -> tuple[int, int, int]:
+def _launch_cfg(h: int, dh: int, itemsize: int = 2) -> tuple[int, int, int]:
     # ~1024-element tiles: 8 elements a thread at 4 warps (16-byte accesses in bf16) and no spills
-    # on sm_90 (ptxas -v); Flux's 24 heads of 128 are three 8-head tiles with no padded rows.
-    block_d = max(triton.next_power_of_2(dh), 2)
-    block_h = min(triton.next_power_of_2(h), max(1, 1024 // block_d))
+    # on sm_90 / sm_80 (bench/results/triton_aot.md); Flux's 24 heads of 128 are three 8-head
+    # tiles with no padded rows. fp64 values take two registers each: half the tile, or the
+    # backward spills (triton 3.6, sm_80 and sm_90).
+    block_d = max(next_power_of_2(dh), 2)
+    tile = 1024 if itemsize <= 4 else 512
+    block_h = min(next_power_of_2(h), max(1, tile // block_d))
     num_warps = max(4, min(16, block_h * block_d // 256))
     return block_h, block_d, num_warps
-
-
-def _bwd_programs(tokens: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(tokens, 4 * sms))
-    # Interpreter: programs run one after another, so the count only sets the partial-buffer size.
-    return max(1, min(tokens, 8))
 
 
 def _as_4d(x: torch.Tensor) -> torch.Tensor:
@@ -254,6 +250,51 @@ def _as_4d(x: torch.Tensor) -> torch.Tensor:
 
 def _strides(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(x.stride())
+
+
+def fwd_launch(q4, k4, wq, wk, wq_t, wk_t, cos, sin, eps: float, n_txt: int):
+    """The forward kernel's launch on q4, k4 (B, N, H, Dh) of any strides and its outputs: dense
+    q_out, k_out in their input's dtype and fp32 rstd_q, rstd_k (B, N, H)."""
+    B, N, H, D = q4.shape
+    q_out = torch.empty((B, N, H, D), dtype=q4.dtype, device=q4.device)
+    k_out = torch.empty((B, N, H, D), dtype=k4.dtype, device=k4.device)
+    rstd_q = torch.empty((B, N, H), dtype=torch.float32, device=q4.device)
+    rstd_k = torch.empty_like(rstd_q)
+    block_h, block_d, num_warps = _launch_cfg(H, D, max(q4.element_size(), k4.element_size()))
+    launch = Launch(
+        _qk_norm_rope_fwd_kernel, (B * N,),
+        (q4, *_strides(q4), k4, *_strides(k4),
+         q_out, *_strides(q_out), k_out, *_strides(k_out),
+         rstd_q, rstd_k, wq, wk, wq_t, wk_t,
+         cos, sin, cos.stride(0), cos.stride(1),
+         N, H, D, int(n_txt), float(eps)),
+        dict(BLOCK_H=block_h, BLOCK_D=block_d), num_warps,
+        reads=(q4, k4, wq, wk, wq_t, wk_t, cos, sin), writes=(q_out, k_out, rstd_q, rstd_k))
+    return launch, (q_out, k_out, rstd_q, rstd_k)
+
+
+def bwd_launch(q4, k4, gq, gk, rstd_q, rstd_k, wq, wk, wq_t, wk_t, cos, sin, n_txt: int):
+    """The backward kernel's launch and its outputs: dense dq, dk in q4's/k4's dtype and the
+    fp32 weight-grad partials (programs, 4, Dh), zeroed, rows [q_img, q_txt, k_img, k_txt]."""
+    B, N, H, D = q4.shape
+    dq = torch.empty(q4.shape, dtype=q4.dtype, device=q4.device)
+    dk = torch.empty(k4.shape, dtype=k4.dtype, device=k4.device)
+    T = B * N
+    progs = persistent_programs(T, q4.device)
+    dw_partial = torch.zeros((progs, 4, D), dtype=torch.float32, device=q4.device)
+    block_h, block_d, num_warps = _launch_cfg(H, D, max(q4.element_size(), k4.element_size()))
+    launch = Launch(
+        _qk_norm_rope_bwd_kernel, (progs if T > 0 else 0,),
+        (q4, *_strides(q4), k4, *_strides(k4),
+         gq, *_strides(gq), gk, *_strides(gk),
+         dq, *_strides(dq), dk, *_strides(dk),
+         rstd_q, rstd_k, wq, wk, wq_t, wk_t,
+         cos, sin, cos.stride(0), cos.stride(1), dw_partial,
+         T, N, H, D, int(n_txt)),
+        dict(BLOCK_H=block_h, BLOCK_D=block_d), num_warps,
+        reads=(q4, k4, gq, gk, rstd_q, rstd_k, wq, wk, wq_t, wk_t, cos, sin),
+        writes=(dq, dk, dw_partial))
+    return launch, (dq, dk, dw_partial)
 
 
 # Kernels are launched only inside ``torch.library.custom_op``s (namespace ``leapalign_triton``;
@@ -268,22 +309,9 @@ def _triton_fwd(q4: torch.Tensor, k4: torch.Tensor, wq: torch.Tensor, wk: torch.
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """q4, k4 (B, N, H, Dh) any strides, dense (Dh,) weights; returns dense q_out, k_out in their
     input's dtype and fp32 rstd_q, rstd_k (B, N, H)."""
-    B, N, H, D = q4.shape
-    q_out = torch.empty((B, N, H, D), dtype=q4.dtype, device=q4.device)
-    k_out = torch.empty((B, N, H, D), dtype=k4.dtype, device=k4.device)
-    rstd_q = torch.empty((B, N, H), dtype=torch.float32, device=q4.device)
-    rstd_k = torch.empty_like(rstd_q)
-    block_h, block_d, num_warps = _launch_cfg(H, D)
-    if B * N > 0:
-        _qk_norm_rope_fwd_kernel[(B * N,)](
-            q4, *_strides(q4), k4, *_strides(k4),
-            q_out, *_strides(q_out), k_out, *_strides(k_out),
-            rstd_q, rstd_k, wq, wk, wq_t, wk_t,
-            cos, sin, cos.stride(0), cos.stride(1),
-            N, H, D, n_txt, eps,
-            BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
-        )
-    return q_out, k_out, rstd_q, rstd_k
+    launch, outs = fwd_launch(q4, k4, wq, wk, wq_t, wk_t, cos, sin, eps, n_txt)
+    launch.run()
+    return outs
 
 
 @_triton_fwd.register_fake
@@ -302,23 +330,9 @@ def _triton_bwd(q4: torch.Tensor, k4: torch.Tensor, gq: torch.Tensor, gk: torch.
                 n_txt: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dense dq, dk in q4's/k4's dtype and the fp32 weight grads (4, Dh), rows
     [q_img, q_txt, k_img, k_txt]."""
-    B, N, H, D = q4.shape
-    dq = torch.empty(q4.shape, dtype=q4.dtype, device=q4.device)
-    dk = torch.empty(k4.shape, dtype=k4.dtype, device=k4.device)
-    T = B * N
-    progs = _bwd_programs(T, q4.device)
-    dw_partial = torch.zeros((progs, 4, D), dtype=torch.float32, device=q4.device)
-    block_h, block_d, num_warps = _launch_cfg(H, D)
-    if T > 0:
-        _qk_norm_rope_bwd_kernel[(progs,)](
-            q4, *_strides(q4), k4, *_strides(k4),
-            gq, *_strides(gq), gk, *_strides(gk),
-            dq, *_strides(dq), dk, *_strides(dk),
-            rstd_q, rstd_k, wq, wk, wq_t, wk_t,
-            cos, sin, cos.stride(0), cos.stride(1), dw_partial,
-            T, N, H, D, n_txt,
-            BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
-        )
+    launch, (dq, dk, dw_partial) = bwd_launch(q4, k4, gq, gk, rstd_q, rstd_k, wq, wk, wq_t, wk_t,
+                                              cos, sin, n_txt)
+    launch.run()
     return dq, dk, dw_partial.sum(0)
 
 

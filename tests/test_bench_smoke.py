@@ -1,4 +1,6 @@
 """The benches must keep running on a CPU (small sizes), so CI notices when one breaks."""
+import json
+import math
 import os
 import subprocess
 import sys
@@ -50,3 +52,95 @@ def test_study_runs_and_summarizes(tmp_path, monkeypatch, restore_torch_settings
     assert "| leapalign | 1 | 2 |" in (tmp_path / "table.md").read_text()
     for png in ("curves.png", "grids.png"):
         assert (tmp_path / png).is_file()
+
+
+# --------------------------------------------------------------------------- the GPU suite, dry run
+def _finite(x, what):
+    assert isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x), f"{what}: {x!r}"
+    return x
+
+
+@pytest.fixture(scope="module")
+def gpu_suite_dry_run(tmp_path_factory):
+    """bench/gpu_suite.sh --dry-run: every step of the GPU suite at toy size on this CPU, into one
+    folder (run once for the checks below)."""
+    out = tmp_path_factory.mktemp("gpu_suite_dry")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LEAPALIGN_BACKEND")}
+    env.update(OUT=str(out), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+    run = subprocess.run(["bash", "bench/gpu_suite.sh", "--dry-run"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=540)
+    return out, run
+
+
+STEPS = ("csrc_build", "kernel_tests", "engine_gpu_tests", "aot_kernels", "bench_kernels", "bench_block",
+         "bench_step", "profile_step")
+
+
+def test_gpu_suite_dry_run_runs_every_step(gpu_suite_dry_run):
+    out, run = gpu_suite_dry_run
+    logs = {p.stem: p.read_text() for p in out.glob("*.log")}
+    failed = {n: log[-2500:] for n, log in logs.items() if not log.rstrip().endswith("exit 0")}
+    assert run.returncode == 0 and not failed, run.stdout[-3000:] + run.stderr[-2000:] + str(failed)
+    assert set(logs) == set(STEPS), sorted(logs)
+    summary = (out / "summary.md").read_text()
+    assert "(dry run: CPU, toy sizes)" in summary and "## Steps" in summary
+    for name in STEPS:
+        assert f"- {name}: exit 0" in summary, summary[-2000:]
+    assert "| leap_connect |" in summary  # the kernel bench's table made it into the summary
+
+
+def test_bench_block_smoke(gpu_suite_dry_run):
+    """bench_block.py at toy size (2 heads of 32, 16 + 8 tokens): every policy's figures."""
+    out, _ = gpu_suite_dry_run
+    data = json.loads((out / "block_cpu.json").read_text())
+    assert data["meta"]["width"] == 64 and data["meta"]["tokens_img"] == 16
+    for kind in ("double", "single"):
+        for policy in ("none", "full", "lean", "ckpt"):
+            r = data["results"][kind][policy]
+            for key in ("saved_bytes", "peak_bytes", "hook_saved_bytes"):
+                assert _finite(r[key], f"{kind}/{policy}/{key}") >= 0
+            assert _finite(r["time_s"], f"{kind}/{policy}/time_s") > 0
+            assert _finite(r["flops"]["total"], f"{kind}/{policy}/flops") > 0
+        assert data["results"][kind]["lean"]["kernels"] == {op: "torch" for op in
+                                                            data["results"][kind]["lean"]["kernels"]}
+        assert data["results"][kind]["lean"]["attention"].startswith("sdpa")
+        assert 0 < data["results"][kind]["lean"]["saved_bytes"] < data["results"][kind]["none"]["saved_bytes"]
+    assert data["analysis"]["targets"]
+    assert "| lean |" in (out / "block_cpu.md").read_text()
+
+
+def test_bench_step_smoke(gpu_suite_dry_run):
+    """bench_step.py on the tiny model (real tensors, CPU): both configs' time, peak and loss."""
+    out, _ = gpu_suite_dry_run
+    data = json.loads((out / "step_cpu_tiny.json").read_text())
+    (res,) = data["results"]
+    assert res["res"] == 64 and set(res["configs"]) == {"leapalign/lean", "leapalign/baseline"}
+    for name, c in res["configs"].items():
+        for key in ("rollout_s", "step_s", "loss", "mem_vs_baseline", "time_vs_baseline"):
+            _finite(c[key], f"{name}/{key}")
+        assert c["step_s"] > 0 and c["peak_bytes"] > 0 and c["model_calls"] == c["T"] == 2
+    _finite(res["flops_forward"], "flops_forward")
+    assert "leapalign" in (out / "step_cpu_tiny.md").read_text()
+
+
+def test_profile_step_smoke(gpu_suite_dry_run):
+    """profile_step.py on the tiny model: a trace, the top ops, the step's metrics."""
+    out, _ = gpu_suite_dry_run
+    top = json.loads((out / "profile_cpu_top.json").read_text())
+    assert len(top["top"]) >= 5 and all(_finite(t["self_us"], t["name"]) >= 0 for t in top["top"])
+    for key in ("loss", "reward", "grad_norm", "step_time_s"):
+        _finite(top["metrics"][key], key)
+    assert (out / "profile_cpu.json.gz").stat().st_size > 1000
+    assert (out / "profile_cpu.md").read_text().strip()
+
+
+def test_aot_report_smoke(gpu_suite_dry_run):
+    """bench/aot_kernels.py (toy sizes, one op, sm_90): registers, spills and ideal times per row."""
+    out, _ = gpu_suite_dry_run
+    rep = json.loads((out / "triton_aot.json").read_text())
+    rows = rep["triton"]["rows"]
+    assert rows and all(r["ok"] and r["target"] == "sm_90" and r["op"] == "gelu_tanh" for r in rows)
+    for r in rows:
+        assert _finite(r["registers"], "registers") > 0 and r["spill_stores"] == r["spill_loads"] == 0
+        assert _finite(r["ideal_us_H100"], "ideal") > _finite(r["ideal_us_H200"], "ideal") > 0
+    assert "| gelu_tanh | fwd |" in (out / "triton_aot.md").read_text()

@@ -15,6 +15,7 @@ from peft import LoraConfig
 
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from engine.flux import lean
+from kernels import backend
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,8 +130,10 @@ def check_policy(policy, width, lora, batch=2, layers=(2, 2)):
     if policy == "budget":
         assert sorted(info["counts"]) == ["full", "lean"], info
     inputs = model_inputs(width, batch)
-    assert_same(*forward_backward(model, inputs), *forward_backward(ref, inputs))
-    return lean.describe(model)
+    with backend.recording() as ran:
+        got = forward_backward(model, inputs)
+    assert_same(*got, *forward_backward(ref, inputs))
+    return lean.describe(model, ran)
 
 
 @pytest.fixture(autouse=True)
@@ -310,11 +313,13 @@ def test_cuda_lean_matches_diffusers(dtype, monkeypatch):
         lean.apply_policy(model, policy)
         cast = {k: v.to(dtype) if k in ("hidden_states", "encoder_hidden_states", "pooled_projections")
                 else v for k, v in inputs.items()}
-        return model, forward_backward(model, cast)
+        with backend.recording() as ran:
+            out = forward_backward(model, cast)
+        return model, out, ran
 
-    _, plain = run("none")
-    model, fused = run("lean")
-    info = lean.describe(model)
+    _, plain, _ = run("none")
+    model, fused, ran = run("lean")
+    info = lean.describe(model, ran)
     assert {info["kernels"][op] for op in FUSED_OPS} <= {"triton", "cuda"}, info
     print(f"\n{dtype}: {info['attention']}, {info['kernels']}")
     slack = 5e-3 if dtype == torch.bfloat16 else 1e-5

@@ -57,12 +57,13 @@ from kernels.gelu_tanh import gelu_tanh
 from kernels.mod_layernorm import mod_layernorm
 from kernels.qk_norm_rope import qk_norm_rope
 
-__all__ = ["POLICIES", "apply_policy", "attention", "attention_backend", "block_inputs",
+__all__ = ["ATTENTION", "POLICIES", "apply_policy", "attention", "block_inputs",
            "describe", "measure_policy_bytes", "measure_saved_bytes", "plan_budget", "policy_of"]
 
 from engine.params import BLOCK_POLICIES as POLICIES  # noqa: E402  (shared with the config check)
 _POLICY_ATTR = "_leapalign_policy"
-_attention_used: str | None = None
+# The key under which the lean blocks' attention notes what ran in a ``kernels.backend.recording()``.
+ATTENTION = "attention"
 
 
 # --------------------------------------------------------------------------- attention
@@ -84,8 +85,9 @@ def _sdpa_name(q, k, v) -> str:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Non-causal attention on (B, N, H, Dh) tensors; returns (B, N, H*Dh)."""
-    global _attention_used
+    """Non-causal attention on (B, N, H, Dh) tensors; returns (B, N, H*Dh).
+
+    What ran ("flash-attn" or "sdpa:<backend>") is noted in any open ``backend.recording()``."""
     fa = _flash_attn_func()
     if fa is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         name, out = "flash-attn", fa(q, k, v)
@@ -94,13 +96,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         name = None if torch.compiler.is_compiling() else _sdpa_name(q, k, v)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
     if name is not None:
-        _attention_used = name
+        backend.note(ATTENTION, name)
     return out.flatten(2, 3)
-
-
-def attention_backend() -> str | None:
-    """Which attention the latest lean forward ran: "flash-attn" or "sdpa:<backend>"."""
-    return _attention_used
 
 
 # --------------------------------------------------------------------------- lean forwards
@@ -315,13 +312,16 @@ def apply_policy(transformer: FluxTransformer2DModel, policy: str, *, budget_byt
     return describe(transformer)
 
 
-def describe(transformer: FluxTransformer2DModel) -> dict:
-    """Per-block policies, the attention that ran last and each fused op's last backend."""
+def describe(transformer: FluxTransformer2DModel, ran: dict[str, str] | None = None) -> dict:
+    """Per-block policies; with ``ran``, the record of a ``kernels.backend.recording()`` around
+    the forward/backward, also the attention and each fused op's backend that ran there
+    (else None and {})."""
     doubles, singles = _blocks(transformer)
     double, single = [policy_of(b) for b in doubles], [policy_of(b) for b in singles]
+    ran = ran or {}
     return {"double": double, "single": single,
             "counts": {p: (double + single).count(p) for p in sorted(set(double + single))},
-            "attention": attention_backend(), "kernels": backend.report()}
+            "attention": ran.get(ATTENTION), "kernels": {k: v for k, v in ran.items() if k != ATTENTION}}
 
 
 # --------------------------------------------------------------------------- memory budget

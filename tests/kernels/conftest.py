@@ -8,7 +8,24 @@ triton backend for CPU tensors there (and only there).
 import pytest
 import torch
 
+from kernels import backend
+
 HAS_CUDA = torch.cuda.is_available()
+_record: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _record_backends():
+    """Every kernel test runs inside a ``backend.recording()``; :func:`ran` reads it."""
+    with backend.recording() as rec:
+        _record["ran"] = rec
+        yield
+    _record.pop("ran", None)
+
+
+def ran(op: str) -> str | None:
+    """The backend of the latest call of ``op`` in the running test (None if it never ran)."""
+    return _record["ran"].get(op)
 
 
 @pytest.fixture(autouse=True)

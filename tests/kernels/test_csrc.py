@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import textwrap
 import time
 from pathlib import Path
@@ -20,41 +19,23 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kernels import _csrc  # noqa: E402
+from kernels.utils import parse_ptxas  # noqa: E402
 
 CSRC = ROOT / "csrc"
-ARCHS = ("80", "90")  # A100 and H100; CUDA 13 dropped everything before sm_75
+ARCHS = _csrc.AOT_ARCHS  # A100 and H100; CUDA 13 dropped everything before sm_75
 
 
 # ------------------------------------------------------------------ compile check (CPU machine)
 
 
 def _nvcc() -> str | None:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and (Path(home) / "bin" / "nvcc").exists():
-        return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc")
+    return _csrc.find_nvcc()
 
 
 def compile_command(src: Path, obj: Path, nvcc: str) -> list[str]:
-    """nvcc command compiling one csrc file to an object, as the extension build would."""
-    from torch.utils import cpp_extension
-
-    torch_inc = Path(cpp_extension.include_paths()[0])
-    cmd = [nvcc, "-c", str(src), "-o", str(obj), "-std=c++20", "-O3", "-Xcompiler", "-fPIC"]
-    if src.suffix == ".cu":
-        cmd += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
-        cmd += list(cpp_extension.COMMON_NVCC_FLAGS)  # the __CUDA_NO_HALF_* defines torch adds
-    cmd += [
-        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-        "-DTORCH_EXTENSION_NAME=_C",
-        "-DTORCH_API_INCLUDE_EXTENSION_H",
-    ]
-    if not (torch_inc / "c10/cuda/impl/cuda_cmake_macros.h").exists():
-        # CPU wheels lack this CMake-generated header; it only sets Windows dllexport macros.
-        cmd.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
-    for inc in [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], str(CSRC)]:
-        cmd += ["-I", inc]
-    return cmd
+    """nvcc command compiling one csrc file to an object, as the extension build would, with
+    ptxas reporting registers and spills per kernel."""
+    return _csrc.nvcc_compile_command(src, obj, nvcc, ARCHS, ptxas_verbose=True)
 
 
 def test_csrc_compiles_with_nvcc(tmp_path):
@@ -86,6 +67,19 @@ def test_csrc_compiles_with_nvcc(tmp_path):
             failures.append(f"--- {src.name} (rc={p.returncode})\n{' '.join(cmd)}\n{p.stdout}{p.stderr}")
     print(f"compiled {len(srcs)} files in {wall:.1f}s wall")
     assert not failures, "csrc failed to compile:\n" + "\n".join(failures)
+
+    # Registers and spills per kernel and arch (ptxas -v), as bench/aot_kernels.py reports them.
+    usage = {}
+    for src, _, _, p, _ in results:
+        if src.suffix == ".cu":
+            usage.update(parse_ptxas(p.stdout + p.stderr))
+    names = _csrc.demangle(sorted({f for f, _ in usage}))
+    for (fn, arch), u in sorted(usage.items()):
+        print(f"{arch} {names[fn]}: {u.get('registers')} registers, {u.get('spill_stores')} B spill stores, "
+              f"{u.get('spill_loads')} B spill loads, {u.get('stack')} B stack")
+    archs = {arch for _, arch in usage}
+    assert archs == {f"sm_{a}" for a in ARCHS}, f"ptxas -v reported {sorted(archs)}"
+    assert all("registers" in u and "spill_stores" in u for u in usage.values()), usage
 
     # Link the objects into one shared object (undefined symbols are resolved by torch at load
     # time): every leapalign:: function the registration file uses must be defined here.

@@ -5,7 +5,7 @@ import torch
 from kernels import backend
 from kernels.gated_residual import gated_residual, gated_residual_reference
 
-from .conftest import assert_close
+from .conftest import assert_close, ran
 
 SHAPES = [
     (2, 5, 33),       # width not a power of two
@@ -46,7 +46,7 @@ def _run(fn, ins, fused, g_r, g_n):
 
 def _compare(ins, fused, g_r, g_n, dtype):
     outs, grads = _run(gated_residual, ins, fused, g_r, g_n)
-    assert backend.last_backend("gated_residual") == "triton"
+    assert ran("gated_residual") == "triton"
     ref_outs, ref_grads = _run(gated_residual_reference, ins, fused, g_r, g_n)
     for name, a, e in zip(("r", "n"), outs, ref_outs):
         assert_close(a, e, dtype, name)
@@ -135,7 +135,7 @@ def test_torch_backend_is_the_reference(monkeypatch):
     monkeypatch.setenv("LEAPALIGN_BACKEND", "torch")
     x, gate, y, scale, shift, _, _ = _inputs((2, 3, 16), torch.float32, "cpu")
     r, n = gated_residual(x, gate, y, scale, shift)
-    assert backend.last_backend("gated_residual") == "torch"
+    assert ran("gated_residual") == "torch"
     r_ref, n_ref = gated_residual_reference(x, gate, y, scale, shift)
     assert torch.equal(r, r_ref) and torch.equal(n, n_ref)
 
@@ -179,7 +179,7 @@ def test_gpu_backends_bf16(impl, fused, monkeypatch):
     x, gate, y, scale, shift, g_r, g_n = _inputs((2, 333, 3072), torch.bfloat16, "cuda")
     ins = [x, gate, y, scale, shift]
     outs, grads = _run(gated_residual, ins, fused, g_r, g_n if fused else None)
-    assert backend.last_backend("gated_residual") == impl
+    assert ran("gated_residual") == impl
     ref_outs, ref_grads = _run(gated_residual_reference, ins, fused, g_r, g_n if fused else None)
     for name, a, e in zip(("r", "n"), outs, ref_outs):
         assert_close(a, e, torch.bfloat16, name)
@@ -188,19 +188,15 @@ def test_gpu_backends_bf16(impl, fused, monkeypatch):
             assert_close(a, e, torch.bfloat16, f"grad_{name}")
 
 
-def test_cuda_branch_composes_with_csrc_mod_layernorm(monkeypatch):
-    import kernels.mod_layernorm as ml
-
-    from .test_mod_layernorm import fake_csrc_mod_layernorm
-
-    monkeypatch.setattr(ml, "_cuda_ops", fake_csrc_mod_layernorm)
+def test_no_cuda_backend(monkeypatch):
+    """There is no csrc op for the gated residual: forcing cuda is refused, never faked."""
+    monkeypatch.setenv("LEAPALIGN_BACKEND", "cuda")
+    x, gate, y, *_ = _inputs((2, 5, 40), torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="cannot run"):
+        gated_residual(x, gate, y)
     monkeypatch.setattr(backend, "pick", lambda op, *ts: "cuda")
-    x, gate, y, scale, shift, g_r, g_n = _inputs((2, 5, 40), torch.float32, "cpu")
-    ins = [x, gate, y, scale, shift]
-    outs, grads = _run(gated_residual, ins, True, g_r, g_n)
-    ref_outs, ref_grads = _run(gated_residual_reference, ins, True, g_r, g_n)
-    for name, a, e in zip(("r", "n") + NAMES, outs + grads, ref_outs + ref_grads):
-        assert_close(a, e, torch.float32, name)
+    with pytest.raises(RuntimeError, match="has no 'cuda' implementation"):
+        gated_residual(x, gate, y)
 
 
 # --------------------------------------------------------------------------- fake tensors

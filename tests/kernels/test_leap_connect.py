@@ -5,7 +5,7 @@ import torch
 from kernels import backend
 from kernels.leap_connect import leap_connect, leap_connect_reference
 
-from .conftest import assert_close
+from .conftest import assert_close, ran
 
 SHAPES = [
     (2, 16, 64),      # packed Flux latent, few tokens
@@ -41,7 +41,7 @@ def _run(fn, xs, v, xr, c, alpha, g_conn, g_inp):
 
 def _compare(xs, v, xr, c, alpha, g_conn, g_inp, dtype):
     out = _run(leap_connect, xs, v, xr, c, alpha, g_conn, g_inp)
-    assert backend.last_backend("leap_connect") == "triton"
+    assert ran("leap_connect") == "triton"
     ref = _run(leap_connect_reference, xs, v, xr, c, alpha, g_conn, g_inp)
     conn, inp, dist = out[:3]
     # The connector's value is the real latent, bit for bit, in its dtype.
@@ -108,7 +108,7 @@ def test_saves_nothing_for_backward(impl, device, monkeypatch):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         conn, inp, _ = leap_connect(xs, v, xr, C, ALPHA)
-    assert backend.last_backend("leap_connect") == impl
+    assert ran("leap_connect") == impl
     if impl == "triton":
         assert saved == [], f"saved {[tuple(t.shape) for t in saved]}"
     (conn.sum() + inp.sum()).backward()  # and the graph still works without them
@@ -128,7 +128,7 @@ def test_torch_backend_is_the_reference(monkeypatch):
     monkeypatch.setenv("LEAPALIGN_BACKEND", "torch")
     xs, v, xr, _, _ = _inputs((2, 3, 16), DTYPES[0], "cpu")
     out = leap_connect(xs, v, xr, C, ALPHA)
-    assert backend.last_backend("leap_connect") == "torch"
+    assert ran("leap_connect") == "torch"
     for a, e in zip(out, leap_connect_reference(xs, v, xr, C, ALPHA)):
         assert torch.equal(a, e)
 
@@ -180,7 +180,7 @@ def test_gpu_backends_bf16(impl, monkeypatch):
     for dtypes in (DTYPES[1], DTYPES[3]):
         xs, v, xr, g_conn, g_inp = _inputs((2, 4096, 64), dtypes, "cuda")
         out = _run(leap_connect, xs, v, xr, C, ALPHA, g_conn, g_inp)
-        assert backend.last_backend("leap_connect") == impl
+        assert ran("leap_connect") == impl
         ref = _run(leap_connect_reference, xs, v, xr, C, ALPHA, g_conn, g_inp)
         assert torch.equal(out[0], xr) and torch.equal(out[1], xr)
         torch.testing.assert_close(out[2], ref[2], rtol=1e-5, atol=0)

@@ -5,7 +5,7 @@ import torch
 from kernels import backend
 from kernels.mod_layernorm import mod_layernorm, mod_layernorm_reference
 
-from .conftest import assert_close
+from .conftest import assert_close, ran
 
 SHAPES = [
     (2, 5, 33),       # width not a power of two, not a multiple of any block
@@ -37,7 +37,7 @@ def _run(fn, x, scale, shift, gy):
 
 def _compare(x, scale, shift, gy, dtype):
     out = _run(mod_layernorm, x, scale, shift, gy)
-    assert backend.last_backend("mod_layernorm") == "triton"
+    assert ran("mod_layernorm") == "triton"
     ref = _run(mod_layernorm_reference, x, scale, shift, gy)
     for name, a, e in zip(("y", "grad_x", "grad_scale", "grad_shift"), out, ref):
         assert_close(a, e, dtype, name)
@@ -98,7 +98,7 @@ def test_torch_backend_is_the_reference(monkeypatch):
     monkeypatch.setenv("LEAPALIGN_BACKEND", "torch")
     x, scale, shift, _ = _inputs((2, 3, 16), torch.float32, "cpu")
     y = mod_layernorm(x, scale, shift)
-    assert backend.last_backend("mod_layernorm") == "torch"
+    assert ran("mod_layernorm") == "torch"
     assert torch.equal(y, mod_layernorm_reference(x, scale, shift))
 
 
@@ -136,7 +136,7 @@ def test_gpu_backends_bf16(impl, monkeypatch):
     monkeypatch.setenv("LEAPALIGN_BACKEND", impl)
     x, scale, shift, gy = _inputs((2, 333, 3072), torch.bfloat16, "cuda")
     out = _run(mod_layernorm, x, scale, shift, gy)
-    assert backend.last_backend("mod_layernorm") == impl
+    assert ran("mod_layernorm") == impl
     monkeypatch.setenv("LEAPALIGN_BACKEND", "torch")
     ref = _run(mod_layernorm_reference, x, scale, shift, gy)
     for name, a, e in zip(("y", "grad_x", "grad_scale", "grad_shift"), out, ref):
@@ -227,11 +227,11 @@ def fake_matches_real(op, fn, ref, make, monkeypatch):
 
     monkeypatch.setenv("LEAPALIGN_BACKEND", "triton")
     r_outs, r_grads, r_bytes = grad_run(fn, *make(lambda t: t.detach().clone()))
-    assert backend.last_backend(op) == "triton"
+    assert ran(op) == "triton"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with FakeTensorMode() as mode:
         f_outs, f_grads, f_bytes = grad_run(fn, *make(mode.from_tensor))
-        assert backend.last_backend(op) == "triton"
+        assert ran(op) == "triton"
         e_outs, e_grads, e_bytes = grad_run(ref, *make(mode.from_tensor))
     assert meta(f_outs) == meta(e_outs) == meta(r_outs)
     assert meta(f_grads) == meta(e_grads) == meta(r_grads)
@@ -266,7 +266,7 @@ def test_fake_cuda_tensors_pick_triton(monkeypatch):
         x = torch.empty(2, 5, 64, dtype=torch.bfloat16, device="cuda")
         scale = torch.empty(2, 64, dtype=torch.bfloat16, device="cuda")
         y = mod_layernorm(x, scale, scale)
-    assert backend.last_backend("mod_layernorm") == "triton"
+    assert ran("mod_layernorm") == "triton"
     assert y.shape == x.shape and y.dtype == x.dtype and y.is_cuda
 
 

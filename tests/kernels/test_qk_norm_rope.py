@@ -10,6 +10,8 @@ import torch
 from kernels import backend
 from kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
 
+from .conftest import ran
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OP = "qk_norm_rope"
 # (B, N, H, Dh, n_txt): single token; odd N and heads that are no power of two; Flux's 24 x 128
@@ -86,7 +88,7 @@ def run_both(q, k, wq, wk, wq_txt, wk_txt, cos, sin, n_txt, grad_seed=1):
     same values. Returns outputs and grads of both, plus the reference run in the input dtype."""
     ins = leaves(q, k, wq, wk, wq_txt, wk_txt)
     out = qk_norm_rope(ins[0], ins[1], ins[2], ins[3], cos, sin, wq_txt=ins[4], wk_txt=ins[5], n_txt=n_txt)
-    assert backend.last_backend(OP) == "triton"
+    assert ran(OP) == "triton"
     g = torch.Generator().manual_seed(grad_seed)
     gouts = [torch.randn(o.shape, generator=g).to(o.device, o.dtype) for o in out]
     live = [t for t in ins if t is not None]
@@ -150,7 +152,7 @@ def test_views_of_fused_qkv(dtype, n_txt, monkeypatch):
         q, k = q.unflatten(-1, (h, dh)), k.unflatten(-1, (h, dh))
         assert not q.is_contiguous()
         out = qk_norm_rope(q, k, w[0], w[1], cos, sin, n_txt=n_txt, **txt)
-        assert backend.last_backend(OP) == which
+        assert ran(OP) == which
         if gouts is None:
             # a transposed (non-contiguous) incoming grad
             gouts = [torch.randn(o.shape[0], o.shape[2], o.shape[1], o.shape[3], generator=g)
@@ -261,7 +263,7 @@ def test_matches_diffusers_flux_modules(h, dh, axes, n_txt, grid, dtype, monkeyp
         if DEVICE == "cpu":
             monkeypatch.setenv(backend.ENV_VAR, "triton")
             tq, tk = qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, cos, sin, 1e-6, **w)
-            assert backend.last_backend(OP) == "triton"
+            assert ran(OP) == "triton"
             assert_fwd_close(tq, exp_q, dtype)
             assert_fwd_close(tk, exp_k, dtype)
 
@@ -271,10 +273,10 @@ def test_backend_choice_is_recorded(monkeypatch):
     cos, sin = rope_tables(2, 4)
     monkeypatch.setenv(backend.ENV_VAR, "torch")
     qk_norm_rope(q, k, wq, wk, cos, sin)
-    assert backend.last_backend(OP) == "torch"
+    assert ran(OP) == "torch"
     monkeypatch.delenv(backend.ENV_VAR)
     qk_norm_rope(q, k, wq, wk, cos, sin)
-    assert backend.last_backend(OP) == "triton"  # interpreter on CPU, compiled on CUDA
+    assert ran(OP) == "triton"  # interpreter on CPU, compiled on CUDA
     monkeypatch.setenv(backend.ENV_VAR, "cuda")
     with pytest.raises(RuntimeError):  # no csrc version of this op, and forcing never falls back
         qk_norm_rope(q, k, wq, wk, cos, sin)
