@@ -411,6 +411,7 @@ def gpu_resolution(res: int, methods, policies, steps: int, t_check: int, iters:
     r["rollout_flops"] = f * steps
 
     def run(method, policy, T):
+        nonlocal trainer
         trainer = configure(trainer, method, policy, steps=T)
         out = {"T": T}
         if method == "leapalign" and T == steps:  # rollout alone (T no-grad forwards), its MFU
