@@ -226,7 +226,7 @@ def _hps_arch(params) -> torch.nn.Module:
     class ArchOnlyHPS(ImageReward):
         def __init__(self):
             super().__init__()
-            with default_dtype(torch.float32):       # load_openclip returns model.float()
+            with default_dtype(getattr(torch, params.dtype)):   # as HPSv21Reward casts it (fp32 as released)
                 self.model = OpenCLIPModel(arch)
             self.model.set_grad_checkpointing(params.grad_checkpointing)
             v = arch["vision_cfg"]
@@ -306,7 +306,7 @@ def build_reward_fake(cfg: TrainConfig) -> tuple[torch.nn.Module, str]:
         with unset_fake_temporarily():   # small: built for real, as in training (its weights are read)
             return build_reward(name, **cfg.reward.params), f"{name} (built as in training)"
     if name == "hpsv21":
-        return _hps_arch(typed), "HPSv2.1: OpenCLIP ViT-H/14 from its architecture config, fp32 (as loaded)"
+        return _hps_arch(typed), f"HPSv2.1: OpenCLIP ViT-H/14 from its architecture config, {typed.dtype} weights"
     if name in ("pickscore", "clip"):
         mod, what = _hf_clip_arch(name, typed)
         return mod, f"{name}: {what}, fp32 (as loaded)"

@@ -425,3 +425,37 @@ def test_registry():
     assert {"colour", "hpsv21", "pickscore", "clip", "mix"} <= set(REWARDS)
     with pytest.raises(ValueError, match="unknown reward"):
         build_reward("nope")
+
+
+def test_hps_bfloat16_weights(tiny_hps):
+    """reward.params.dtype=bfloat16 stores the tower in bf16 (half the bytes) and scores close to fp32."""
+    d, cfg, bpe, _ = tiny_hps
+    x = torch.rand(2, 3, 64, 64)
+    kw = dict(path=str(d / "hps.safetensors"), arch=cfg, tokenizer=str(bpe))
+    full, half = build_reward("hpsv21", **kw), build_reward("hpsv21", **kw, dtype="bfloat16")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    a, b = full(x, PROMPTS), half(x, PROMPTS)
+    assert b.dtype == torch.float32 and torch.allclose(a, b, rtol=0.05, atol=0.02)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        build_reward("hpsv21", **kw, dtype="int8")
+
+
+def test_reward_params_mirror_the_constructors():
+    """engine/params.py types each reward's parameters for the config check; they must be the
+    constructor's own names and defaults, so a config means what the reward does."""
+    import dataclasses
+    import inspect
+
+    from engine.params import REWARD_PARAMS
+    from engine.rewards import REWARDS
+
+    injected = {"world": {"text_encoder"}}     # objects passed in code, not config values
+    assert set(REWARD_PARAMS) == set(REWARDS)
+    for name, cls in REWARDS.items():
+        sig = {k: v for k, v in inspect.signature(cls.__init__).parameters.items()
+               if k != "self" and k not in injected.get(name, ())}
+        fields = {f.name: f for f in dataclasses.fields(REWARD_PARAMS[name])}
+        assert set(sig) == set(fields), name
+        for k, p in sig.items():
+            if p.default is not inspect.Parameter.empty and fields[k].default is not dataclasses.MISSING:
+                assert p.default == fields[k].default, (name, k)
