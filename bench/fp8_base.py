@@ -30,13 +30,13 @@ def base_bytes(transformer: torch.nn.Module) -> int:
 
 def measure(config: dict | None = None, rank: int = 64, mode: str = "weight") -> dict:
     """{"bf16": bytes before, "fp8": bytes after, "converted": linears, "lora": LoRA bytes}."""
-    from bench.bench_step import _fake_safe_to   # peft's no-op Module.to on fake modules
+    from engine.plan import fake_safe_to   # peft's no-op Module.to on fake modules
     from bench.measure import FLUX_DEV_CONFIG, build_fake_flux, fake_mode
     from engine import build
     from engine.config import LoraConfig
 
     old = torch.get_default_dtype()
-    with fake_mode(), _fake_safe_to():
+    with fake_mode(), fake_safe_to():
         tr = build_fake_flux(config or FLUX_DEV_CONFIG, torch.bfloat16)
         torch.set_default_dtype(torch.bfloat16)   # LoRA layers born bf16: no cast of a fake module
         try:

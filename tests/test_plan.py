@@ -137,12 +137,15 @@ def test_budget_picks_the_fastest_setting_that_fits_and_a_real_run_fits(tmp_path
     lo, hi = min(c.peak for c in cands), max(c.peak for c in cands)
     assert lo < hi
     budget = (lo + hi) // 2
-    choice, _ = plan.search(p, budget, resident, base, verify=True)
+    choice, _ = plan.search(p, budget, resident, base, verify=True, levers=[])
     assert choice is not None and choice.peak <= budget and choice.verified <= budget
     fitting = [c for c in cands if c.peak <= budget]
     assert choice.flops == min(c.flops for c in fitting)
     assert any(c.peak > budget for c in cands)   # the budget did exclude settings
-    assert plan.search(p, lo - 1, resident, base, verify=False)[0] is None
+    assert plan.search(p, lo - 1, resident, base, verify=False, levers=[])[0] is None
+    # the fp8 base (a lever) stores the frozen weights in half the bytes: below every bf16 setting
+    fp8, _ = plan.search(p, lo - 1, resident, base, verify=False)
+    assert fp8 is not None and fp8.overrides["model.base_precision"] == "fp8" and fp8.peak <= lo - 1
     # the printed overrides, applied to a real run, fit the budget
     ov = TINY + [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in choice.overrides.items()]
     _, _, total = measured_peak(ov)
