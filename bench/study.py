@@ -29,7 +29,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-LAM = 100.0   # above any world reward, so relu(lam - r) never clips and every method sees -grad r
 
 MAIN = {
     "refl": ("refl", {}),
@@ -96,7 +95,7 @@ def run_one(job: dict) -> dict:
     method, params, *factor = RUNS[name] if name != "base" else ("leapalign", {})
     budget = job["budget"] * (factor[0] if factor else 1)
     section = method.replace("-", "_")
-    overrides = [f"method.name={method}", f"method.{section}={json.dumps(params)}", f"method.lam={LAM}",
+    overrides = [f"method.name={method}", f"method.{section}={json.dumps(params)}",
                  f"seed={seed}", f"output_dir={job['out']}/work/{_slug(name)}__s{seed}", "judge=true"]
     cfg = load_config(ROOT / "configs" / "world.yaml", overrides)
     tr = LeapTrainer(cfg)
@@ -114,7 +113,7 @@ def run_one(job: dict) -> dict:
     grid = Path(job["out"]) / "runs" / f"{_slug(name)}__s{seed}_grid.png"
     grid.parent.mkdir(parents=True, exist_ok=True)
     _save_strip(images[:N_GRID], grid)
-    res = {"name": name, "method": method, "params": {**params, "lam": LAM}, "seed": seed,
+    res = {"name": name, "method": method, "params": {**params, "lam": cfg.method.lam}, "seed": seed,
            "steps": tr.step_count, "model_calls": calls, "train_seconds": train_s, "curve": curve,
            "test": ev_test, "train": ev_train, "grid": grid.name}
     path = Path(job["out"]) / "runs" / f"{_slug(name)}__s{seed}.json"

@@ -81,13 +81,16 @@ class ReFL(ReFLParams):
 
 @dataclass
 class DRaFTLV(DRaFTLVParams):
-    """Full no-grad rollout; re-noise x_0 n times at the last sigma and take one graded step."""
+    """DRaFT-LV (DRaFT-1 with a lower-variance estimate): no-grad rollout to the last step, the
+    real last step with gradient (that is DRaFT-1), plus n copies of its x_0 re-noised to the last
+    sigma and denoised again with gradient; the reward loss is averaged over the n + 1 last-step
+    predictions, so the gradient keeps DRaFT-1's scale (n only lowers its variance)."""
 
     lam: float = DEFAULT_LAM
 
     def draw(self, T, generator, x1) -> dict:
-        if self.n < 1:
-            raise ValueError(f"DRaFT-LV needs n >= 1 re-noisings, got n={self.n}")
+        if self.n < 0:
+            raise ValueError(f"DRaFT-LV needs n >= 0 re-noisings, got n={self.n}")
         eps = torch.randn((self.n, *x1.shape), generator=generator, dtype=torch.float32)
         return {"eps": eps}
 
@@ -96,17 +99,19 @@ class DRaFTLV(DRaFTLVParams):
         sig = sigmas.to(x1.device)
         x = x1.detach()
         with torch.no_grad():
-            for i in range(T):
+            for i in range(T - 1):
                 x = euler_step(x, velocity(x, sig[i]), sig[i], sig[i + 1])
         s = sig[T - 1].to(x.dtype)
-        total, rewards = 0.0, []
+        # the real last step, with gradient through the model (its input is detached)
+        x0 = euler_step(x, velocity(x, sig[T - 1]), sig[T - 1], sig[T])
+        r0 = _check_reward(reward(x0), x1.shape[0])
+        losses = [reward_loss(r0, self.lam)]
         for e in eps.to(device=x.device, dtype=x.dtype):
-            xs = (1 - s) * x + s * e
-            xhat0 = xs - s * velocity(xs, sig[T - 1]).to(x.dtype)
-            r = _check_reward(reward(xhat0), x1.shape[0])
-            total = total + reward_loss(r, self.lam)   # the n reward gradients add up
-            rewards.append(r.detach())
-        return EstimatorOutput(total, torch.stack(rewards).mean(0), x.detach(), {"n": len(rewards)}, T + len(rewards))
+            xs = (1 - s) * x0.detach() + s * e
+            xhat0 = euler_step(xs, velocity(xs, sig[T - 1]), sig[T - 1], sig[T])
+            losses.append(reward_loss(_check_reward(reward(xhat0), x1.shape[0]), self.lam))
+        loss = torch.stack(losses).mean()   # a mean over the n + 1 estimates, not a sum
+        return EstimatorOutput(loss, r0.detach(), x0.detach(), {"n": len(losses) - 1}, T + len(losses) - 1)
 
 
 @dataclass

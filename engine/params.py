@@ -67,11 +67,11 @@ class ReFLParams:
 
 @dataclass
 class DRaFTLVParams:
-    n: int = 2                    # re-noised copies of x_0
+    n: int = 2                    # re-noised copies of x_0 beside the real last step (0: DRaFT-1)
 
     def check(self, where: str = "") -> None:
-        if self.n < 1:
-            raise ValueError(f"{where}n must be >= 1 (DRaFT-LV re-noisings), got {self.n}")
+        if self.n < 0:
+            raise ValueError(f"{where}n must be >= 0 (DRaFT-LV re-noisings), got {self.n}")
 
 
 @dataclass

@@ -57,23 +57,50 @@ def test_refl(t):
     assert out.model_calls == t + 1
 
 
-def test_draft_lv():
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_draft_lv(n):
+    """The real last step (DRaFT-1) plus n re-noised copies of its x_0, averaged over n + 1."""
     model, sigmas, x1 = setup()
-    m = DRaFTLV(lam=LAM, n=2)
+    m = DRaFTLV(lam=LAM, n=n)
     eps = m.draw(T, torch.Generator().manual_seed(5), x1)["eps"]
+    assert eps.shape == (n, B, D)
     out = m.loss(model, reward, x1, sigmas, eps=eps)
     out.loss.backward()
     got = grads(model)
-    x0 = no_grad_states(model, x1, sigmas, T)[T]
+    xl = no_grad_states(model, x1, sigmas, T - 1)[T - 1]
     s = sigmas[T - 1]
-    want = torch.zeros_like(got)
+    with torch.no_grad():
+        x0 = xl - s * model(xl, s)
+    want = vjp(model, xl, s, -s * dloss_dx(x0))          # the real last step
     for e in eps.double():
         xs = (1 - s) * x0 + s * e
         with torch.no_grad():
             xhat0 = xs - s * model(xs, s)
         want += vjp(model, xs, s, -s * dloss_dx(xhat0))
+    want /= n + 1
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    assert out.model_calls == T + 2
+    assert out.model_calls == T + n
+    # the reported sample is the sampler's own x_0 (the real last step), and its reward
+    torch.testing.assert_close(out.x0, x0)
+    torch.testing.assert_close(out.reward, reward(x0))
+    with torch.no_grad():
+        per = [torch.relu(LAM - reward(x0)).mean()]
+        for e in eps.double():
+            xs = (1 - s) * x0 + s * e
+            per.append(torch.relu(LAM - reward(xs - s * model(xs, s))).mean())
+    torch.testing.assert_close(out.loss.detach(), torch.stack(per).mean())
+
+
+def test_draft_lv_n0_is_draft_1():
+    """With no re-noised copies DRaFT-LV is DRaFT-1: ReFL stopped at the last step."""
+    model, sigmas, x1 = setup()
+    DRaFTLV(lam=LAM, n=0).loss(model, reward, x1, sigmas, eps=torch.zeros(0, B, D)).loss.backward()
+    a = grads(model).clone()
+    model.zero_grad()
+    ReFL(lam=LAM).loss(model, reward, x1, sigmas, t=T - 1).loss.backward()
+    torch.testing.assert_close(a, grads(model), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="n >= 0"):
+        DRaFTLV(n=-1).draw(T, torch.Generator(), x1)
 
 
 @pytest.mark.parametrize("t,train", [(T - 1, [1, 4]), (T - 2, [0, 5]), (T - 4, [2])])

@@ -11,7 +11,7 @@ import numpy as np
 
 from .scene import COLOURS, COUNT_WORDS, RELATIONS, SHAPES, Group, SceneSpec
 
-__all__ = ["EDITS", "perturb"]
+__all__ = ["EDITS", "applicable", "perturb"]
 
 _COLOURS = tuple(COLOURS)
 _COUNTS = (1, *COUNT_WORDS)
@@ -76,13 +76,35 @@ EDITS = {"colour": _edit_colour, "shape": _edit_shape, "count": _edit_count, "re
          "drop": _edit_drop, "add": _edit_add}
 
 
-def perturb(spec: SceneSpec, rng: np.random.Generator, max_tries: int = 50) -> tuple[SceneSpec, str]:
+def applicable(spec: SceneSpec) -> list[str]:
+    """The edit kinds that can change ``spec`` (e.g. no relation edit of a single object)."""
+    out = []
+    for name in EDITS:
+        if name == "count" and len(spec.groups) != 1:
+            continue
+        if name == "relation" and spec.relation is None:
+            continue
+        if name == "drop" and len(spec.groups) == 1 and spec.groups[0].count == 1:
+            continue
+        if name == "add" and (len(spec.groups) != 1 or spec.groups[0].count != 1):
+            continue
+        out.append(name)
+    return out
+
+
+def perturb(spec: SceneSpec, rng: np.random.Generator, max_tries: int = 50,
+            weights: dict[str, float] | None = None, kinds=None) -> tuple[SceneSpec, str]:
     """A spec that differs from ``spec`` by one edit, and the edit's name. Edits that do not
     apply to this kind of spec, or that give an invalid scene (two identical objects), are
-    redrawn."""
-    names = list(EDITS)
+    redrawn. ``kinds`` restricts the edits to those names; ``weights`` (name -> relative weight,
+    default 1) draws some kinds more often than others among those that apply."""
+    names = [n for n in applicable(spec) if kinds is None or n in kinds]
+    if not names:
+        raise ValueError(f"no edit of kind {sorted(kinds or EDITS)} applies to {spec}")
+    p = np.asarray([1.0 if weights is None else float(weights.get(n, 1.0)) for n in names])
+    p = p / p.sum()
     for _ in range(max_tries):
-        name = names[int(rng.integers(len(names)))]
+        name = names[int(rng.choice(len(names), p=p))]
         try:
             out = EDITS[name](spec, rng)
         except ValueError:
