@@ -26,6 +26,17 @@ def _cheap_gc():
     gc.unfreeze()
 
 
+def config_folder(tmp_path, tcfg: dict, vcfg: dict, device: str, res: int) -> list[str]:
+    """A diffusers folder holding only the transformer's and VAE's configs, and the overrides of a
+    bf16 lean LoRA run on it (prompt embeddings cached)."""
+    for sub, c in (("transformer", tcfg), ("vae", vcfg)):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "config.json").write_text(json.dumps(c))
+    return [f"model.source={tmp_path}", f"device={device}", "model.dtype=bfloat16", f"model.height={res}",
+            f"model.width={res}", "model.policy=lean", "lora.enabled=true", "lora.rank=16", "lora.alpha=16",
+            "batch_size=1", f"embed_cache_dir={tmp_path / 'cache'}", "prompts=[a red square]", "num_steps=4"]
+
+
 def measured_peak(overrides: list[str]) -> tuple[int, int, int]:
     """(resident bytes, PeakLiveBytes of one trainer.step(), their sum) on real tensors: the
     parameters, buffers, optimizer state and EMA after a first step, then a second step measured
@@ -72,12 +83,7 @@ def test_folder_model_in_bf16_with_lean_blocks_within_5_percent(tmp_path):
 
     tcfg = dict(plan.FLUX_DEV_TRANSFORMER, num_layers=1, num_single_layers=2, num_attention_heads=2)
     vcfg = dict(plan.FLUX_DEV_VAE, block_out_channels=[32, 32, 64, 64])
-    for sub, c in (("transformer", tcfg), ("vae", vcfg)):
-        (tmp_path / sub).mkdir()
-        (tmp_path / sub / "config.json").write_text(json.dumps(c))
-    ov = [f"model.source={tmp_path}", "device=cpu", "model.dtype=bfloat16", "model.height=128", "model.width=128",
-          "model.policy=lean", "lora.enabled=true", "lora.rank=16", "lora.alpha=16", "batch_size=1",
-          f"embed_cache_dir={tmp_path / 'cache'}", "prompts=[a red square]", "num_steps=4"]
+    ov = config_folder(tmp_path, tcfg, vcfg, "cpu", 128)
     cfg = load_config(None, ov)
     r = plan.run_plan(cfg)
     assert "text encoders (embed_cache_dir: cached on disk / CPU)" in r["resident"]
@@ -191,12 +197,7 @@ def test_plan_within_10_percent_of_cuda_max_memory_allocated(tmp_path):
     from engine.trainer import LeapTrainer
 
     tcfg = dict(plan.FLUX_DEV_TRANSFORMER, num_layers=2, num_single_layers=4)
-    for sub, c in (("transformer", tcfg), ("vae", plan.FLUX_DEV_VAE)):
-        (tmp_path / sub).mkdir()
-        (tmp_path / sub / "config.json").write_text(json.dumps(c))
-    ov = [f"model.source={tmp_path}", "device=cuda", "model.dtype=bfloat16", "model.height=512", "model.width=512",
-          "model.policy=lean", "lora.enabled=true", "lora.rank=16", "lora.alpha=16", "batch_size=1",
-          f"embed_cache_dir={tmp_path / 'cache'}", "prompts=[a red square]", "num_steps=4"]
+    ov = config_folder(tmp_path, tcfg, plan.FLUX_DEV_VAE, "cuda", 512)
     cfg = load_config(None, ov)
     r = plan.run_plan(cfg, device="cuda")
     torch.manual_seed(0)
