@@ -340,8 +340,6 @@ class LeapTrainer:
     def train(self, steps: int | None = None, resume: str | Path | None = None) -> dict:
         """Run to ``steps`` total steps (cfg.steps by default), logging and checkpointing into
         cfg.output_dir (locked for this run); returns a summary with evaluations before and after."""
-        from tqdm import tqdm
-
         cfg, main = self.cfg, self.dist.main
         if cfg.tensorboard:   # on every rank, before any work: a missing package ends the whole job now
             from engine.tb import TBLogger, require
@@ -355,9 +353,11 @@ class LeapTrainer:
             if main:
                 ckpt.remove_stale_temps(ck)
                 run.start_metrics(self.step_count if resume is not None else None)
-            return self._train(steps if steps is not None else cfg.steps, run, ck, tqdm)
+            return self._run(steps if steps is not None else cfg.steps, run, ck)
 
-    def _train(self, total: int, run: RunDir, ck: Path, tqdm) -> dict:
+    def _run(self, total: int, run: RunDir, ck: Path) -> dict:
+        from tqdm import tqdm
+
         cfg, main, out = self.cfg, self.dist.main, run.path
         summary = {}
         board = None
