@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     p.add_argument("--verbose", action="store_true", help="progress on stderr")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.height=1024 model.width=1024")
     args = ap.parse_args(argv)
-    if getattr(args, "n", 1) is not None and args.cmd in ("sample",) and args.n < 1:
+    if args.cmd == "sample" and args.n < 1:
         ap.error(f"--n must be >= 1, got {args.n}")
     try:
         return {"train": _train, "sample": _sample, "eval": _eval, "export": _export,

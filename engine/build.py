@@ -25,6 +25,7 @@ trainer, ``python -m engine`` and the benches all call these functions):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Callable
@@ -185,17 +186,11 @@ def build_text_encoder(cfg: TrainConfig, adapter, device: torch.device, prompts:
         encoder = src.text(m, adapter, device, DTYPES[m.dtype])
         identity = encoder_identity(encoder)
     cached = CachedTextEncoder(encoder, cfg.embed_cache_dir, identity)
-    main_first = dist.main_first() if dist is not None else _nullcontext()
-    with main_first:    # the other ranks then only read the files rank 0 wrote
+    # rank 0 first: the other ranks then only read the files it wrote
+    with dist.main_first() if dist is not None else contextlib.nullcontext():
         cached.precompute(prompts, progress=dist is None or dist.main)
     cached.release()
     return cached
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------- rewards
@@ -253,7 +248,7 @@ def apply_lora(transformer, lora, seed: int) -> None:
         transformer.add_adapter(PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.targets)))
 
 
-FP8_MODES = ("none", "weight", "rollout")
+FP8_MODES = tuple(FP8_BASE_MODES.values())   # none | weight | rollout
 
 
 def apply_fp8_base(transformer, mode: str, device: torch.device | None = None) -> dict:
@@ -355,13 +350,11 @@ def describe_backends(device: torch.device, policy: str, plan=None) -> str:
 
     from kernels import backend as kb
 
-    forced = os.environ.get(kb.ENV_VAR, "").strip().lower()
-    if forced:
-        kernels = f"{forced} (forced by {kb.ENV_VAR})"
-    elif device.type == "cuda":
-        kernels = "cuda (csrc)" if kb.csrc_has("leap_connect") else "triton" if kb.triton_importable() else "torch"
-    else:
-        kernels = "triton interpreter" if kb.triton_interpret() and kb.triton_importable() else "torch reference"
+    name = kb.choose("leap_connect", device.type == "cuda")
+    kernels = {"cuda": "cuda (csrc)", "torch": "torch reference",
+               "triton": "triton" if device.type == "cuda" else "triton interpreter"}[name]
+    if os.environ.get(kb.ENV_VAR, "").strip():
+        kernels += f" (forced by {kb.ENV_VAR})"
     if policy in ("lean", "budget"):
         fa = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
         attention = "flash-attn" if fa else "torch SDPA (flash-attn not installed)" if device.type == "cuda" \

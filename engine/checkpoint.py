@@ -1,12 +1,11 @@
 """Training checkpoints as one safetensors file, written atomically and validated before use.
 
 Layout: ``model.<name>`` trainable weights, ``ema.<name>`` fp32 EMA, ``optim.<name>.<key>``
-AdamW state, ``rng.<name>`` generator states; metadata holds the step, the run config and a
-fingerprint of the model (its config plus the names and shapes of the trainable weights).
+AdamW state, ``rng.<name>`` generator states; metadata holds the step, the run config, and the
+model's portable config and the names and shapes of its trainable weights, which loading compares.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -25,11 +24,6 @@ def portable_config(model_config: dict) -> dict:
     the absolute folder the weights came from; ``_diffusers_version``) say where and by what the
     model was loaded, not what it is, and must not stop a checkpoint from moving between machines."""
     return {k: v for k, v in json.loads(json.dumps(model_config, default=str)).items() if not k.startswith("_")}
-
-
-def fingerprint(model_config: dict, shapes: dict[str, list[int]]) -> str:
-    blob = json.dumps({"config": portable_config(model_config), "shapes": shapes}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def save_atomic(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -53,8 +53,11 @@ class LeapTrainer:
         self.dist = distributed.setup(cfg.distributed, self.device, timeout_s=cfg.distributed_timeout_s)
         if self.dist.active and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        self.adapter = adapter = adapter or build.build_model(m, self.device)
-        build.check_image_size(adapter, m.height, m.width)
+        if adapter is None:
+            adapter = build.build_model(m, self.device)       # checks the image size
+        else:
+            build.check_image_size(adapter, m.height, m.width)
+        self.adapter = adapter
         self.prompts, self.test_prompts = build.build_prompts(cfg)
         self.eval_set = build.eval_prompts(cfg, self.prompts, self.test_prompts)
         self.text_encoder = text_encoder or build.build_text_encoder(cfg, adapter, self.device,
@@ -302,7 +305,6 @@ class LeapTrainer:
         tensors["rng.generator"] = self.generator.get_state()
         config = ckpt.portable_config(self._model_config())
         meta = {"step": str(self.step_count), "skipped": str(self.skipped), "global_batch": str(self.global_batch),
-                "fingerprint": ckpt.fingerprint(config, self._shapes()),
                 "model_config": json.dumps(config, sort_keys=True),
                 "shapes": json.dumps(self._shapes()), "config": yaml.safe_dump(to_dict(self.cfg)),
                 "prompts_sha256": self._prompts_digest()}

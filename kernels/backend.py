@@ -102,18 +102,21 @@ def _available(name: str, op: str, on_cuda: bool, fake: bool = False) -> tuple[b
     raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {name!r}")
 
 
-def pick(op: str, *tensors: torch.Tensor | None) -> str:
-    """Choose the backend for one call of ``op`` on ``tensors``; open records note the choice."""
-    on_cuda = any(t is not None and t.is_cuda for t in tensors)
-    fake = any(_is_fake(t) for t in tensors)
+def choose(op: str, on_cuda: bool, fake: bool = False) -> str:
+    """The backend a call of ``op`` runs on, for inputs on a CUDA device or not (``fake``:
+    FakeTensors); records nothing, so it also tells in advance what will run."""
     forced = os.environ.get(ENV_VAR, "").strip().lower()
     if forced:
         ok, why = _available(forced, op, on_cuda, fake)
         if not ok:
             raise RuntimeError(f"{ENV_VAR}={forced} was forced for op {op!r}, but it cannot run: {why}")
-        choice = forced
-    else:
-        choice = next(b for b in BACKENDS if _available(b, op, on_cuda, fake)[0])
+        return forced
+    return next(b for b in BACKENDS if _available(b, op, on_cuda, fake)[0])
+
+
+def pick(op: str, *tensors: torch.Tensor | None) -> str:
+    """Choose the backend for one call of ``op`` on ``tensors``; open records note the choice."""
+    choice = choose(op, any(t is not None and t.is_cuda for t in tensors), any(_is_fake(t) for t in tensors))
     note(op, choice)
     return choice
 
