@@ -17,6 +17,10 @@ trainer, ``python -m engine`` and the benches all call these functions):
 3. ``apply_lora``                  peft LoRA adapters (the base frozen), or all weights trainable
 3b. ``apply_fp8_base``            the frozen block linears stored in fp8 (``model.base_precision``),
                                    after LoRA so peft wraps plain Linears and its adapters stay bf16
+3c. ``apply_block_swap``          the model onto the device, the frozen linears of the last
+                                   ``model.swap_blocks`` blocks left in pinned host memory and
+                                   copied in one block ahead (engine/swap.py); after fp8, so the
+                                   swapped tensors are the fp8 ones
 4. ``apply_policy``                how graph-keeping passes keep activations (engine/flux/lean.py)
 5. ``apply_compile``               torch.compile of every block, after the policy swap, so the
                                    lean / checkpointed forwards are what gets compiled
@@ -102,10 +106,11 @@ def source(name: str) -> Source:
 
 def build_model(m, device: torch.device, load_vae: bool = True):
     """The configured model as a ``FluxAdapter``; height and width checked against its patch size.
-    With an fp8 base on a GPU the transformer stays on the CPU: ``apply_fp8_base`` takes it to
-    ``device`` one fp8 layer at a time, so the bf16 base is never there whole (FLUX.1-dev's
-    22.2 GiB would not fit a 24 GiB card with anything beside it)."""
-    staged = m.base_precision != "bf16" and device.type != "cpu"
+    With an fp8 base or block swap on a GPU the transformer stays on the CPU: ``apply_fp8_base``
+    takes it to ``device`` one fp8 layer at a time and ``apply_block_swap`` the rest, so the bf16
+    base is never there whole (FLUX.1-dev's 22.2 GiB would not fit a 24 GiB card with anything
+    beside it)."""
+    staged = (m.base_precision != "bf16" or m.swap_blocks > 0) and device.type != "cpu"
     adapter = source(m.source).model(m, torch.device("cpu") if staged else device, DTYPES[m.dtype], load_vae)
     if staged and adapter.vae is not None:
         adapter.vae.to(device)
@@ -270,8 +275,7 @@ def apply_fp8_base(transformer, mode: str, device: torch.device | None = None) -
     if mode == "none":
         if stored:
             raise ValueError("the model's base is already stored in fp8; rebuild it for model.base_precision=bf16")
-        _place(transformer, device)
-        return {"converted": 0, "fp8_compute": 0}
+        return {"converted": 0, "fp8_compute": 0}     # placed by apply_block_swap
     if mode == "rollout":
         why = f8.fp8_compute_unavailable(device if device is not None else next(transformer.parameters()).device)
         if why is None and transformer.dtype != torch.bfloat16:
@@ -289,14 +293,43 @@ def apply_fp8_base(transformer, mode: str, device: torch.device | None = None) -
     return {"converted": converted, "fp8_compute": fp8}
 
 
-def _place(module, device: torch.device | None) -> None:
-    # only when something is elsewhere: Module.to fails on fake modules even as a no-op
+def _place(module, device: torch.device | None, keep: set[int] = frozenset()) -> None:
+    """``module`` onto ``device``, except the tensors whose ids are in ``keep`` (block swap's host
+    copies). Only when something is elsewhere: Module.to fails on fake modules even as a no-op."""
     if device is None:
         return
     device = torch.device(device)
-    if any(t.device.type != device.type or device.index not in (None, t.device.index)
+    if any(id(t) not in keep and (t.device.type != device.type or device.index not in (None, t.device.index))
            for t in [*module.parameters(), *module.buffers()]):
-        module.to(device)
+        if keep:   # Module.to is this _apply with every tensor converted
+            module._apply(lambda t: t if id(t) in keep else t.to(device))
+        else:
+            module.to(device)
+
+
+def apply_block_swap(transformer, n: int, device: torch.device):
+    """Place the model on ``device``; with ``n`` > 0 the swappable tensors of the last ``n`` blocks
+    stay in (pinned) host memory and are copied in when used (engine/swap.py). Returns the
+    ``BlockSwap`` (its counters say what moved), or None. Applying it again with the same ``n``
+    returns the same swap; another ``n`` needs a new model."""
+    from engine import swap
+
+    blocks = swap.blocks_in_order(transformer)
+    if not 0 <= n <= len(blocks):
+        raise ValueError(f"model.swap_blocks must lie in [0, {len(blocks)}] (the model's blocks), got {n}")
+    have = getattr(transformer, "_engine_block_swap", None)
+    if have is not None:      # applied before (the benches build several trainers on one model)
+        if len(have.leaves) != n:
+            raise ValueError(f"the model already swaps {len(have.leaves)} blocks; build a new model for "
+                             f"model.swap_blocks={n}")
+        return have
+    if n == 0:
+        _place(transformer, device)
+        return None
+    swapper = swap.BlockSwap(blocks[-n:], device)
+    _place(transformer, device, keep=swapper.host_tensor_ids())
+    transformer._engine_block_swap = swapper
+    return swapper
 
 
 def apply_policy(transformer, m, batch_size: int = 1, text_tokens: int = 512, adapter=None) -> dict:
@@ -334,11 +367,12 @@ def apply_parallel(transformer, dist, device: torch.device):
 
 
 def build_trainable(cfg: TrainConfig, device: torch.device, load_vae: bool = True):
-    """Steps 1, 3 and 3b alone: the model with the run's trainable parameters (what a checkpoint
+    """Steps 1, 3, 3b and 3c alone: the model with the run's trainable parameters (what a checkpoint
     holds), for sampling, evaluation and export."""
     adapter = build_model(cfg.model, device, load_vae=load_vae)
     apply_lora(adapter.transformer, cfg.lora, cfg.seed)
     apply_fp8_base(adapter.transformer, FP8_BASE_MODES[cfg.model.base_precision], device)
+    apply_block_swap(adapter.transformer, cfg.model.swap_blocks, device)
     return adapter
 
 

@@ -44,6 +44,9 @@ class ModelConfig:
     # frozen base storage under LoRA: bf16 (as loaded) | fp8 (e4m3 weights, bf16 compute) |
     # fp8-rollout (also fp8 matmuls in the no-grad rollout; CUDA sm_89+). engine.build.apply_fp8_base
     base_precision: str = "bf16"
+    # block swap (engine/swap.py): the frozen linears of the last N blocks (double, then single, in
+    # execution order) live in pinned host memory and are copied in one block ahead; 0 = off
+    swap_blocks: int = 0
 
 
 @dataclass
@@ -171,6 +174,17 @@ class TrainConfig:
         if m.base_precision != "bf16" and self.distributed == "fsdp":
             raise ValueError(f"model.base_precision={m.base_precision} is not supported with distributed=fsdp "
                              f"(FSDP2 sharding of fp8 base weights is untested); use ddp or base_precision=bf16")
+        at_least("model.swap_blocks", m.swap_blocks, 0)
+        if m.swap_blocks:
+            if not self.lora.enabled:
+                raise ValueError(f"model.swap_blocks={m.swap_blocks} moves frozen base weights: it needs "
+                                 f"lora.enabled=true (full fine-tuning trains them)")
+            if self.distributed != "none":
+                raise ValueError(f"model.swap_blocks={m.swap_blocks} is for one device; with distributed="
+                                 f"{self.distributed} shard the model with distributed=fsdp instead")
+            if m.compile:
+                raise ValueError(f"model.swap_blocks={m.swap_blocks} swaps tensors inside the blocks at every call, "
+                                 f"which torch.compile would recompile for; set model.compile=''")
         if m.transformer_file and m.source in ("tiny", "world"):
             raise ValueError("model.transformer_file needs model.source to be a local diffusers folder "
                              "(for transformer/config.json, the VAE and the text encoders)")

@@ -72,6 +72,7 @@ class LeapTrainer:
         build.apply_decoder_checkpointing(adapter, m)
         build.apply_lora(self.transformer, cfg.lora, cfg.seed)
         build.apply_fp8_base(self.transformer, build.FP8_BASE_MODES[m.base_precision], self.device)
+        self.swap = build.apply_block_swap(self.transformer, m.swap_blocks, self.device)
         self.transformer.train()
         text_tokens = self.text_encoder.encode(self.prompts[:1])[0].shape[1] if m.policy == "budget" else 0
         self.policy = build.apply_policy(self.transformer, m, cfg.batch_size, text_tokens, adapter)
