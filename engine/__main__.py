@@ -158,7 +158,7 @@ def _plan(args) -> int:
 
     log = (lambda s: print(f"  .. {s}", file=sys.stderr, flush=True)) if args.verbose else (lambda s: None)
     r = run_plan(cfg, model_config=args.model_config, budget_gib=args.budget_gib, device=args.device, log=log,
-                 verify=args.verify)
+                 verify=args.verify, world_size=args.world_size)
     print(format_plan(r))
     if args.json:
         from pathlib import Path
@@ -237,6 +237,9 @@ def main(argv=None) -> int:
                    help="the device the run will train on (default: the config's; cuda for device=auto)")
     p.add_argument("--verify", action="store_true",
                    help="with --budget-gib: also measure the chosen setting's whole iteration (about a minute more)")
+    p.add_argument("--world-size", type=int, default=1,
+                   help="with distributed=fsdp: plan one GPU of this many (FSDP2 shards weights, optimizer "
+                        "state, EMA and gradients over them)")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     p.add_argument("--verbose", action="store_true", help="progress on stderr")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.height=1024 model.width=1024")

@@ -387,13 +387,19 @@ class Planner:
     which replace a previous setting."""
 
     def __init__(self, cfg: TrainConfig, model_config: str | None = None, device: str | None = None,
-                 log=lambda s: None, short_schedule: bool = True):
+                 log=lambda s: None, short_schedule: bool = True, world_size: int = 1):
         from engine import build
         from engine.methods import method_from_config
         from engine.schedule import flux_sigmas
 
         self.t0 = time.perf_counter()
         self.cfg, self.log, self.notes, self.model_config = cfg, log, [], model_config
+        if world_size < 1:
+            raise PlanError(f"--world-size must be >= 1, got {world_size}")
+        if world_size > 1 and cfg.distributed != "fsdp":
+            raise PlanError(f"--world-size {world_size} plans FSDP2 sharding: set distributed=fsdp "
+                            f"(with {cfg.distributed!r} every GPU holds what one GPU does)")
+        self.world = world_size
         m = cfg.model
         self.target = device or (cfg.device if cfg.device != "auto" else "cuda")
         self.dtype = build.DTYPES[m.dtype]
@@ -420,6 +426,9 @@ class Planner:
             # byte, so it is planned as fp8 storage (the capability check belongs to the run)
             fp8 = FP8_BASE_MODES[m.base_precision]
             build.apply_fp8_base(transformer, "weight" if fp8 == "rollout" else fp8)
+            # block swap, in engine.build's order: its host tensors are not on the device; its
+            # copies are allocations, seen by every measurement below
+            self.swap = build.apply_block_swap(transformer, m.swap_blocks, torch.device("cpu"))
             transformer.train()
             self.trainable = build.trainable_parameters(transformer)
             B = cfg.batch_size
@@ -462,7 +471,8 @@ class Planner:
         """{term: {dtype: bytes}} of what stays on the device across iterations."""
         tr, ad, cfg = self.adapter.transformer, self.adapter, self.cfg
         lora_ids = {id(p) for n, p in tr.named_parameters() if "lora_" in n}
-        base = [p for p in tr.parameters() if id(p) not in lora_ids] + list(tr.buffers())
+        host = self.swap.host_tensor_ids() if self.swap else set()
+        base = [t for t in [*tr.parameters(), *tr.buffers()] if id(t) not in lora_ids | host]
         r = {"transformer base weights": _by_dtype(base)}
         if cfg.lora.enabled:
             r["LoRA weights"] = _by_dtype(self.trainable.values())
@@ -479,6 +489,14 @@ class Planner:
             r["AdamW states (exp_avg + exp_avg_sq)"]["float32"] = \
                 r["AdamW states (exp_avg + exp_avg_sq)"].get("float32", 0) + 4 * len(self.trainable)
         r["EMA (fp32)"] = {"float32": 4 * sum(p.numel() for p in self.trainable.values())}
+        if self.world > 1:
+            # FSDP2 (engine/distributed.py): every block and the root sharded over the ranks, and
+            # with them the optimizer state and EMA, which follow the parameters' shards
+            W = self.world
+            for name in ("transformer base weights", "LoRA weights", "AdamW states (exp_avg + exp_avg_sq)",
+                         "EMA (fp32)"):
+                if name in r:
+                    r[f"{name}, 1/{W} shard"] = {k: -(-v // W) for k, v in r.pop(name).items()}
         c = self.cond
         r["iteration inputs (noise, prompt embeddings, ids)"] = _by_dtype(
             [self.x1, c.prompt_embeds, c.pooled, c.txt_ids, c.img_ids] + ([c.guidance] if c.guidance is not None else []))
@@ -552,6 +570,9 @@ class Planner:
             return r
 
         t = time.perf_counter()
+        if self.swap:
+            self.swap.reset()
+            moved0 = self.swap.bytes_moved
         with self._ctx():
             if self.short:
                 T, choices = 3, {"k": 0, "j": 1}
@@ -562,6 +583,10 @@ class Planner:
 
                 with unset_fake_temporarily():
                     choices = self.method.draw(T, torch.Generator().manual_seed(0), torch.zeros(self.x1.shape))
+            # FSDP2 reduce-scatters each block's gradients in backward and frees the unsharded
+            # ones: measured with every gradient dropped as it lands, the shards added in run_plan
+            drops = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+                     for p in self.trainable.values()] if self.world > 1 else []
             with mm, _real_schedule_checks():
                 out = self.method.loss(velocity, rf, self.x1, sig, **choices)
                 after_fwd = mm.live
@@ -569,6 +594,9 @@ class Planner:
                 out.loss.backward()
                 mm.mark(None)
                 del out
+                after_bwd = mm.live
+            for h in drops:
+                h.remove()
             self._clear_grads()
         nograd = [pk - st for _, st, pk, _ in mm.get("nograd")]
         passes = [{"held": end - st, "fwd_peak": pk - st} for _, st, pk, end in mm.get("pass")]
@@ -576,11 +604,16 @@ class Planner:
         dec = mm.get("decode")
         dec_start = dec[0][1] if dec else 0
         decode = max((pk for _, _, pk, _ in dec), default=0) - dec_start
-        r = {"peak": mm.peak, "held_after_loss_forward": after_fwd, "T": T,
+        r = {"peak": mm.peak, "held_after_loss_forward": after_fwd, "held_after_backward": after_bwd, "T": T,
              "choices": {k: v for k, v in choices.items() if isinstance(v, (int, list))},
              "rollout_peak": max(nograd, default=0), "passes": passes, "backward_extra": max(bwd, default=0),
              "decode_peak": decode, "decode_held": (dec[0][3] - dec_start) if dec else 0,
              "counts": plan.get("counts", {}), "seconds": time.perf_counter() - t}
+        if self.swap:
+            # a forward pass copies every swapped block once: the short schedule's missing
+            # no-grad steps added at that rate
+            r["swap_bytes"] = self.swap.bytes_moved - moved0 + (self.cfg.num_steps - T) * self.swap.swapped_bytes()
+            self.swap.reset()
         self._cache[key] = r
         return r
 
@@ -599,6 +632,8 @@ class Planner:
                 self.reward(self.adapter.decode(lat, m.height, m.width), prompts).sum().backward()
 
             r = {}
+            if self.swap:
+                self.swap.reset()
             with self._ctx():
                 with PeakLiveBytes() as mm:
                     run()
@@ -679,13 +714,33 @@ def compose(n: int, held: int, fwd_peak: int, rollout: int, decode: int, backwar
     return max((n - 1) * held + fwd_peak, n * held + max(rollout, decode, backward_extra))
 
 
+def fsdp_terms(planner: "Planner") -> dict:
+    """Per-GPU bytes of FSDP2 beyond the shards (world > 1): the gradient shards, and at the
+    busiest moment of backward one block's all-gathered parameters, the next block's prefetched
+    ones and one block's unsharded gradients before their reduce-scatter; in forward the root's
+    own parameters (embedders, output layer) are gathered too."""
+    from engine import swap
+
+    if planner.world <= 1:
+        return {}
+    tr = planner.adapter.transformer
+    blocks = swap.blocks_in_order(tr)
+    size = [storage_bytes([*b.parameters(), *b.buffers()]) for b in blocks]
+    in_blocks = {id(t) for b in blocks for t in [*b.parameters(), *b.buffers()]}
+    root = storage_bytes([t for t in [*tr.parameters(), *tr.buffers()] if id(t) not in in_blocks])
+    big = sorted(size)[-2:]
+    return {"gradient shards": -(-planner.trainable_bytes() // planner.world),
+            "gathered: a block + the prefetched next + one block's unsharded gradients": sum(big) + big[-1],
+            "gathered: the root's parameters": root}
+
+
 def step_phase(planner: "Planner") -> int:
     """Bytes beyond the resident ones during clip + AdamW + EMA: the gradients, AdamW's
     sqrt(exp_avg_sq) (foreach over all trainable tensors on a GPU, one tensor at a time on a CPU)
-    and the EMA's fp32 copy of one tensor."""
-    tb = planner.trainable_bytes()
-    largest = max(p.numel() * p.element_size() for p in planner.trainable.values())
-    largest32 = max(p.numel() * 4 for p in planner.trainable.values())
+    and the EMA's fp32 copy of one tensor; under FSDP2 of their shards."""
+    tb = -(-planner.trainable_bytes() // planner.world)
+    largest = max(p.numel() * p.element_size() for p in planner.trainable.values()) // planner.world
+    largest32 = max(p.numel() * 4 for p in planner.trainable.values()) // planner.world
     return tb + (tb if planner.target == "cuda" else largest) + largest32
 
 
@@ -701,6 +756,8 @@ class Candidate:
     order: int           # tie-break: less recompute first
     verified: int | None = None
     source: int = 0      # which lever setting's Planner (search)
+    swap_blocks: int = 0
+    swap_bytes: int = 0  # host -> device copies per iteration (block swap)
 
 
 POLICY_ORDER = ("none", "lean", "budget", "full", "diffusers")
@@ -724,7 +781,29 @@ def _block_plan(policy: str, kinds: list[str], per: dict, budget_gib: float) -> 
     return ["full" if policy == "diffusers" else policy] * len(kinds)
 
 
-def candidates(p: "Planner", resident: int, base: dict) -> list[Candidate]:
+# Block swap priced as if its copies did not overlap compute (the conservative end; a GPU
+# measures the overlap, tests/test_swap.py): a byte over PCIe 4.0 x16 (~25 GB/s achieved) takes
+# as long as ~16,000 bf16 FLOPs at ~400 TFLOP/s achieved.
+FLOPS_PER_HOST_BYTE = 16_000
+
+
+def swap_options(p: "Planner") -> list[tuple[int, int, int]]:
+    """(N, host bytes, bytes in flight) for swapping the last N blocks of the planned model: what
+    leaves the device, and what comes back at most at once: the block in use and the next, and in
+    a checkpointed backward also the block whose backward has not yet released its copy."""
+    from engine import swap
+
+    if p.swap is not None or not p.cfg.lora.enabled:
+        return []
+    sizes = [swap.block_bytes(b) for b in swap.blocks_in_order(p.adapter.transformer)]
+    out = []
+    for n in range(1, len(sizes) + 1):
+        tail = sizes[-n:]
+        out.append((n, sum(tail), sum(sorted(tail)[-3:])))
+    return out
+
+
+def candidates(p: "Planner", resident: int, base: dict, budget: int | None = None) -> list[Candidate]:
     """Every (block policy or budget mix) x (decoder checkpointing) setting, its predicted peak
     and its cost. ``base`` is the configured setting's whole iteration; another block policy
     changes each block's held bytes and backward extra by what one block of that kind measures
@@ -734,7 +813,12 @@ def candidates(p: "Planner", resident: int, base: dict) -> list[Candidate]:
     with the base frozen -- input gradients only --, 2 with all weights trainable) + the forward of
     every block a policy recomputes, in each of the n passes + the decode + reward forward and
     backward with its recomputation (FlopCounterMode). Lean recomputes only elementwise chains,
-    which this counts as free; ties go to less recompute (none, lean, budget, full, diffusers)."""
+    which this counts as free; ties go to less recompute (none, lean, budget, full, diffusers).
+
+    With ``budget``, a checkpointed setting that does not fit also comes with the fewest swapped
+    blocks that make it fit (``swap_options``; a checkpointed block fetches its weights again in
+    backward instead of keeping them), priced at ``FLOPS_PER_HOST_BYTE`` for every byte copied:
+    each forward pass (T, plus the n passes' recomputation) copies every swapped block once."""
     cfg = p.cfg
     n = graph_passes(cfg)
     T = cfg.num_steps
@@ -750,6 +834,7 @@ def candidates(p: "Planner", resident: int, base: dict) -> list[Candidate]:
     def bwd(plan):
         return max(b["bwd_extra"][k][x] for k, x in zip(kinds, plan))
 
+    swaps = swap_options(p) if budget is not None else []
     H0 = max(x["held"] for x in base["passes"])
     F0 = max(x["fwd_peak"] for x in base["passes"])
     fwd = p.forward_flops()
@@ -777,8 +862,19 @@ def candidates(p: "Planner", resident: int, base: dict) -> list[Candidate]:
             if ck:
                 ov["model.reward_ckpt"] = rk
             flops = T * fwd + n * (bwd_flops + recompute) + d["flops"]
-            out.append(Candidate(ov, pol, gib_, ck, rk, resident + max(act, step), flops,
-                                 POLICY_ORDER.index(pol) * 10 + DECODER_SETTINGS.index((ck, rk))))
+            order = POLICY_ORDER.index(pol) * 10 + DECODER_SETTINGS.index((ck, rk))
+            peak = resident + max(act, step)
+            out.append(Candidate(ov, pol, gib_, ck, rk, peak, flops, order))
+            if budget is None or peak <= budget or pol == "none":
+                continue
+            for nb, host, inflight in swaps:
+                swapped_peak = resident - host + max(act + inflight, step)
+                if swapped_peak <= budget:
+                    moved = host * (T + n)
+                    out.append(Candidate({**ov, "model.swap_blocks": nb}, pol, gib_, ck, rk, swapped_peak,
+                                         flops + moved * FLOPS_PER_HOST_BYTE, order + 1000,
+                                         swap_blocks=nb, swap_bytes=moved))
+                    break
     return out
 
 
@@ -823,6 +919,10 @@ def _override(cfg: TrainConfig, ov: dict) -> TrainConfig:
     return from_dict(apply_overrides(to_dict(cfg), [f"{k}={v}" for k, v in ov.items()]))
 
 
+def _swappable(q: "Planner") -> int:
+    return max((host - inflight for _, host, inflight in swap_options(q)), default=0)
+
+
 def search(p: "Planner", budget_bytes: int, resident: int, base: dict, verify: bool = True, levers=None):
     """(the fastest setting whose predicted peak fits, or None; every candidate). With ``verify``
     the choice's whole iteration is measured too, and a choice that does not fit is dropped."""
@@ -834,16 +934,16 @@ def search(p: "Planner", budget_bytes: int, resident: int, base: dict, verify: b
         else:
             q = Planner(_override(p.cfg, ov), p.model_config, p.target, p.log)
             res_q = sum(sum(v.values()) for v in q.resident().values())
-            if res_q > budget_bytes:
+            if res_q - _swappable(q) > budget_bytes:
                 continue
             m = q.cfg.model
             base_q = q.iteration(m.policy, m.budget_gib, m.checkpoint_reward, m.reward_ckpt)
             if res_q == resident and base_q["peak"] == base["peak"]:
                 p.notes.append(f"{overrides_line(ov)} changes no term in this build: not offered")
                 continue
-        if res_q > budget_bytes:   # no activation setting can help: say so without measuring them
+        if res_q - _swappable(q) > budget_bytes:   # nothing can help: say so without measuring
             continue
-        for c in candidates(q, res_q, base_q):
+        for c in candidates(q, res_q, base_q, budget_bytes):
             if i:
                 c.overrides = {**ov, **c.overrides}
             c.order += 100 * i
@@ -855,9 +955,14 @@ def search(p: "Planner", budget_bytes: int, resident: int, base: dict, verify: b
     for c in fits[:3]:
         if not verify:
             return c, cands
-        q = planners[c.source]
+        q, res_q = planners[c.source], residents[c.source]
+        if c.swap_blocks:    # the swap is part of the build: a planner built with it measures it
+            q = Planner(_override(p.cfg, c.overrides), p.model_config, p.target, p.log)
+            res_q = sum(sum(v.values()) for v in q.resident().values())
         it = q.iteration(c.policy, c.budget_gib, c.checkpoint_reward, c.reward_ckpt)
-        c.verified = residents[c.source] + max(it["peak"], step_phase(q))
+        c.verified = res_q + max(it["peak"], step_phase(q))
+        if c.swap_blocks:
+            c.swap_bytes = it["swap_bytes"]
         if c.verified <= budget_bytes:
             return c, cands
         p.log(f"{overrides_line(c.overrides)}: predicted {gib(c.peak)} but measured {gib(c.verified)}; next")
@@ -879,10 +984,12 @@ def overrides_line(ov: dict) -> str:
 
 
 def run_plan(cfg: TrainConfig, model_config: str | None = None, budget_gib: float | None = None,
-             device: str | None = None, log=lambda s: None, verify: bool = False) -> dict:
+             device: str | None = None, log=lambda s: None, verify: bool = False, world_size: int = 1) -> dict:
     """Every term of one iteration of ``cfg`` and its predicted peak; with ``budget_gib`` the
     fastest setting that fits (``"choice"``, None when nothing does)."""
-    p = Planner(cfg, model_config, device, log)
+    p = Planner(cfg, model_config, device, log, world_size=world_size)
+    if budget_gib is not None and p.world > 1:
+        raise PlanError("--budget-gib searches one GPU's settings; with --world-size it is not searched")
     m = cfg.model
     res = p.resident()
     resident = sum(sum(v.values()) for v in res.values())
@@ -904,7 +1011,14 @@ def run_plan(cfg: TrainConfig, model_config: str | None = None, budget_gib: floa
            "resident": res, "resident_total": resident, "trainable_bytes": p.trainable_bytes(),
            "trainable_params": sum(x.numel() for x in p.trainable.values()),
            "iteration": it, "step_phase": step, "composed": composed,
-           "peak": resident + max(it["peak"], step), "notes": p.notes}
+           "peak": resident + max(it["peak"], step), "notes": p.notes, "world_size": p.world}
+    fs = fsdp_terms(p)
+    if fs:
+        out["fsdp"] = fs
+        out["peak"] = resident + max(it["peak"] + sum(fs.values()), step)
+    if p.swap:
+        out["swap"] = {"blocks": len(p.swap.leaves), "host_bytes": p.swap.swapped_bytes(),
+                       "bytes_per_iteration": it["swap_bytes"]}
     if budget_gib is not None:
         out["forward_flops"] = p.forward_flops()
         choice, cands = search(p, int(budget_gib * GiB), resident, it, verify=verify)
@@ -918,6 +1032,11 @@ def run_plan(cfg: TrainConfig, model_config: str | None = None, budget_gib: floa
     return out
 
 
+def _swap_traffic(b: int) -> str:
+    return (f"{gib(b)} host -> device per iteration, {b / 25e9:.2f} s at 25 GB/s (PCIe 4.0 x16) where the "
+            f"copies do not overlap compute")
+
+
 def format_plan(r: dict) -> str:
     H, W = r["res"]
     it = r["iteration"]
@@ -929,6 +1048,11 @@ def format_plan(r: dict) -> str:
         parts = ", ".join(f"{k} {gib(v)}" for k, v in sorted(by.items())) or "none"
         L.append(f"  {name:<54} {gib(sum(by.values())):>11}   ({parts})")
     L.append(f"  {'resident total':<54} {gib(r['resident_total']):>11}")
+    if r.get("swap"):
+        sw = r["swap"]
+        what = f"block swap: {sw['blocks']} blocks in pinned host memory"
+        L.append(f"  {what:<54} {gib(sw['host_bytes']):>11}   (not on the device; "
+                 f"{_swap_traffic(sw['bytes_per_iteration'])})")
     counts = ", ".join(f"{v} {k}" for k, v in sorted(it["counts"].items()))
     L += ["", f"transient (activations and gradients on top; measured inside one whole iteration, T={it['T']} "
               f"{it['choices']}):",
@@ -951,8 +1075,14 @@ def format_plan(r: dict) -> str:
           f"(held after the loss forward {gib(it['held_after_loss_forward'])})"]
     if r["composed"] is not None:
         L.append(f"  {'  the same from the terms above':<54} {gib(r['composed']):>11}")
+    fs = r.get("fsdp") or {}
+    if fs:
+        L += ["", f"FSDP2 over {r['world_size']} GPUs, per GPU (the iteration above measured with each gradient "
+                  f"dropped as it lands, as reduce-scatter frees it):"]
+        L += [f"  {name:<54} {gib(b):>11}" for name, b in fs.items()]
     L += ["", f"predicted peak: {gib(r['peak'])} = resident {gib(r['resident_total'])} + "
-              f"max(whole iteration {gib(it['peak'])}, optimizer step {gib(r['step_phase'])})",
+              f"max(whole iteration {gib(it['peak'])}" + (f" + FSDP2 {gib(sum(fs.values()))}" if fs else "")
+          + f", optimizer step {gib(r['step_phase'])})" + (" per GPU" if fs else ""),
           "  how: the whole iteration is PeakLiveBytes across the method's loss + backward on fake tensors (bench's "
           "whole_iteration_peak); the parameters and optimizer state are resident; the terms combine as "
           "max((n-1) x held + pass forward peak, n x held + max(rollout, decode + reward, pass backward))"
@@ -971,5 +1101,7 @@ def format_plan(r: dict) -> str:
             L += [f"budget {r['budget_gib']:g} GiB: the fastest of {r['candidates']} settings that fits "
                   f"({c['flops'] / 1e15:.2f} PFLOP per iteration by the cost model; predicted {gib(c['peak'])}{ver}):",
                   overrides_line(c["overrides"])]
+            if c.get("swap_blocks"):
+                L.append(f"block swap: {c['swap_blocks']} blocks, {_swap_traffic(c['swap_bytes'])}")
     L.append(f"(planned in {r['seconds']:.1f}s)")
     return "\n".join(L)

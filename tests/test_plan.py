@@ -49,7 +49,8 @@ def measured_peak(overrides: list[str]) -> tuple[int, int, int]:
           *tr.adapter.vae.buffers(), *tr.reward_model.parameters(), *tr.reward_model.buffers(),
           *tr.text_encoder.buffers(), *tr.text_encoder.parameters(),
           *[v for st in tr.optimizer.state.values() for v in st.values() if torch.is_tensor(v)], *tr.ema.values()]
-    resident = plan.storage_bytes(ts)
+    host = tr.swap.host_tensor_ids() if tr.swap else set()     # block swap's: not on the device
+    resident = plan.storage_bytes([t for t in ts if id(t) not in host])
     with PeakLiveBytes() as m:
         tr.step()
     return resident, m.peak, resident + m.peak
@@ -158,6 +159,45 @@ def test_budget_picks_the_fastest_setting_that_fits_and_a_real_run_fits(tmp_path
     assert total <= budget * 1.01, (total, budget)
 
 
+def test_block_swap_planned_within_5_percent():
+    ov = TINY + ["model.policy=full", "model.swap_blocks=2"]
+    r = plan.run_plan(load_config("configs/tiny.yaml", ov))
+    resident, act, total = measured_peak(ov)
+    assert abs(r["peak"] - total) / total < 0.05, (r["peak"], total)
+    unswapped = plan.run_plan(load_config("configs/tiny.yaml", TINY + ["model.policy=full"]))
+    assert r["resident_total"] + r["swap"]["host_bytes"] == unswapped["resident_total"]
+    # a forward pass copies each swapped block once; T = 4 forwards + the two passes' recomputation
+    assert r["swap"]["bytes_per_iteration"] >= (4 + 2) * r["swap"]["host_bytes"] * 0.9
+
+
+def test_budget_search_swaps_the_fewest_blocks_that_fit(tmp_path):
+    """Below what every setting needs, the search offers block swap: the fewest blocks that fit by
+    the terms (tiny Flux has too few blocks: 2 in flight of 3, so a Flux-wide folder model with
+    9 blocks). The verified whole iteration is the CLI's (--verify) and the 5 % test's business."""
+    tcfg = dict(plan.FLUX_DEV_TRANSFORMER, num_layers=1, num_single_layers=8, num_attention_heads=2)
+    vcfg = dict(plan.FLUX_DEV_VAE, block_out_channels=[32, 32, 64, 64])
+    cfg = load_config(None, config_folder(tmp_path, tcfg, vcfg, "cpu", 128) + ["model.policy=none"])
+    p = plan.Planner(cfg)
+    resident = sum(sum(v.values()) for v in p.resident().values())
+    base = p.iteration("none", 0.0, True, "auto")
+    lo = min(c.peak for c in plan.candidates(p, resident, base))
+    budget = lo - 4 * 2 ** 20
+    choice, cands = plan.search(p, budget, resident, base, verify=False, levers=[])
+    assert choice is not None and choice.swap_blocks > 0 and choice.peak <= budget
+    assert choice.overrides["model.swap_blocks"] == choice.swap_blocks
+    opts = {n: (host, fl) for n, host, fl in plan.swap_options(p)}
+    host, inflight = opts[choice.swap_blocks]
+    assert choice.swap_bytes == host * (cfg.num_steps + 2)
+    # one block fewer would not have fitted: the same setting's peak without the swap, less one
+    # block fewer's saving, is over the budget
+    plain = next(c for c in cands if c.overrides == {k: v for k, v in choice.overrides.items()
+                                                      if k != "model.swap_blocks"})
+    if choice.swap_blocks > 1:
+        h1, f1 = opts[choice.swap_blocks - 1]
+        assert plain.peak - h1 + f1 > budget
+    assert plan.search(p, resident - opts[9][0], resident, base, verify=False, levers=[])[0] is None
+
+
 def test_a_reward_that_cannot_be_built_without_weights_is_reported_missing(capsys):
     from engine.__main__ import main
 
@@ -216,3 +256,30 @@ def test_plan_within_10_percent_of_cuda_max_memory_allocated(tmp_path):
     tr.step()
     peak = tr.step()["peak_mem_bytes"]
     assert abs(r["peak"] - peak) / peak < 0.10, (r["peak"], peak)
+
+
+def test_fsdp_plan_shards_what_fsdp2_shards():
+    """Full fine-tuning under FSDP2: weights, optimizer state and EMA divided over the ranks, the
+    gradients sharded as reduce-scatter leaves them, the all-gathered blocks on top."""
+    base = TINY + ["lora.enabled=false", "distributed=fsdp", "model.policy=full"]
+    one = plan.run_plan(load_config("configs/tiny.yaml", base))
+    four = plan.run_plan(load_config("configs/tiny.yaml", base), world_size=4)
+    assert "fsdp" not in one and four["world_size"] == 4
+    for name in ("transformer base weights", "AdamW states (exp_avg + exp_avg_sq)", "EMA (fp32)"):
+        whole = sum(one["resident"][name].values())
+        shard = sum(four["resident"][f"{name}, 1/4 shard"].values())
+        assert whole / 4 <= shard < whole / 4 + 8 * len(one["resident"][name])
+    assert one["resident"]["VAE weights"] == four["resident"]["VAE weights"]     # replicated
+    fs = four["fsdp"]
+    assert fs["gradient shards"] == -(-one["trainable_bytes"] // 4)
+    # every gradient dropped as it lands: the iteration no longer ends holding all of them
+    assert one["iteration"]["held_after_backward"] >= one["trainable_bytes"]
+    assert four["iteration"]["held_after_backward"] < one["trainable_bytes"] // 4
+    assert four["iteration"]["peak"] <= one["iteration"]["peak"]
+    assert four["peak"] == four["resident_total"] + max(four["iteration"]["peak"] + sum(fs.values()),
+                                                        four["step_phase"])
+    assert four["peak"] < one["peak"]
+    with pytest.raises(ValueError, match="set distributed=fsdp"):
+        plan.run_plan(load_config("configs/tiny.yaml", TINY), world_size=2)
+    with pytest.raises(ValueError, match="not searched"):
+        plan.run_plan(load_config("configs/tiny.yaml", base), budget_gib=1.0, world_size=2)
