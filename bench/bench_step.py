@@ -140,9 +140,11 @@ def base_config(res: int, device: str, steps: int, tiny: bool, lora_rank: int):
                               f"prompts=[{PROMPT!r}]", "samples=1"])
 
 
-def build_trainer(res: int, device: str, steps: int, tiny: bool = False, fake_mode=None, lora_rank: int = LORA_RANK):
+def build_trainer(res: int, device: str, steps: int, tiny: bool = False, fake_mode=None, lora_rank: int = LORA_RANK,
+                  overrides=(), reward=None):
     """A LeapTrainer over a random-weight FLUX.1-dev (or the tiny model), LoRA on, at res x res,
-    built through the public constructor (the adapter, a stub text encoder and the reward passed in)."""
+    built through the public constructor (the adapter, a stub text encoder and the reward passed in;
+    ColourReward unless ``reward``), with config ``overrides`` (the memory modes)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     from engine.flux.adapter import FluxAdapter
@@ -154,6 +156,10 @@ def build_trainer(res: int, device: str, steps: int, tiny: bool = False, fake_mo
     tcfg = tiny_transformer_config() if tiny else FLUX_DEV_CONFIG
     vcfg = tiny_vae_config() if tiny else FLUX_VAE_CONFIG
     cfg = base_config(res, device, steps, tiny, lora_rank)
+    if overrides:
+        from engine.config import apply_overrides, from_dict, to_dict
+
+        cfg = from_dict(apply_overrides(to_dict(cfg), list(overrides)))
     old = torch.get_default_dtype()
     ctx = contextlib.ExitStack()
     with ctx:
@@ -170,7 +176,7 @@ def build_trainer(res: int, device: str, steps: int, tiny: bool = False, fake_mo
         adapter = FluxAdapter(transformer, vae)
         c = transformer.config
         text = StubTextEncoder(c.joint_attention_dim, c.pooled_projection_dim, 16 if tiny else TEXT_TOKENS, dtype, device)
-        trainer = LeapTrainer(cfg, adapter=adapter, text_encoder=text, reward=ColourReward())
+        trainer = LeapTrainer(cfg, adapter=adapter, text_encoder=text, reward=reward or ColourReward())
     return trainer
 
 
@@ -470,6 +476,134 @@ def gpu_resolution(res: int, methods, policies, steps: int, t_check: int, iters:
     return r
 
 
+# ----------------------------------------------------------------------------- memory modes
+# One LeapAlign LoRA r64 iteration per mode, HPSv2.1 (ViT-H/14) as the reward, batch 1, prompt
+# embeddings cached; the baseline first, in the same run: diffusers' gradient checkpointing on
+# the bf16 base, decoder not checkpointed, HPSv2.1 in fp32 as released. {swap}: --swap-blocks.
+MODES = {
+    "baseline": ["model.policy=diffusers", "model.checkpoint_reward=false"],
+    "lean": ["model.policy=lean"],
+    "full": ["model.policy=full", "model.reward_ckpt=resnet"],
+    "fp8": ["model.base_precision=fp8", "model.policy=full", "model.reward_ckpt=resnet",
+            "reward.params.dtype=bfloat16"],
+    "fp8+swap": ["model.base_precision=fp8", "model.policy=full", "model.reward_ckpt=resnet",
+                 "reward.params.dtype=bfloat16", "model.swap_blocks={swap}"],
+}
+
+
+def mode_overrides(mode: str, swap: int) -> list[str]:
+    return [o.format(swap=swap) for o in MODES[mode]]
+
+
+def modes_cpu(res: int, modes, swap: int, steps: int, log) -> dict:
+    """Each mode planned and measured on fake tensors by engine.plan (the whole iteration under
+    PeakLiveBytes + the resident bytes, HPSv2.1 built at full size from its architecture)."""
+    from engine import plan
+    from engine.config import load_config
+
+    r = {"res": res, "modes": {}}
+    for mode in modes:
+        t = time.perf_counter()
+        cfg = load_config(ROOT / "configs" / "flux-dev-hpsv21-lora.yaml",
+                          ["batch_size=1", f"model.height={res}", f"model.width={res}", f"num_steps={steps}",
+                           "embed_cache_dir=cache", *mode_overrides(mode, swap)])
+        p = plan.run_plan(cfg, model_config="flux-dev", device="cuda")
+        r["modes"][mode] = {"overrides": mode_overrides(mode, swap), "peak_bytes": p["peak"],
+                            "resident_bytes": p["resident_total"], "iteration_peak_bytes": p["iteration"]["peak"],
+                            "swap_bytes_per_iteration": (p.get("swap") or {}).get("bytes_per_iteration", 0),
+                            "swap_host_bytes": (p.get("swap") or {}).get("host_bytes", 0),
+                            "seconds": time.perf_counter() - t}
+        log(f"[{res}] mode {mode}: peak {gib(p['peak'])} ({time.perf_counter() - t:.0f}s)")
+    _vs_baseline(r)
+    return r
+
+
+def modes_gpu(res: int, modes, swap: int, steps: int, iters: int, log, device: str = "cuda",
+              tiny: bool = False) -> dict:
+    """Each mode on a fresh random-weight FLUX.1-dev + HPSv2.1 architecture (random weights) on
+    the GPU: median CUDA-event time of trainer.step() after a warm-up, and its peak
+    (torch.cuda.max_memory_allocated, reset by step()). ``tiny`` (a CPU smoke test of this path):
+    the tiny model and the colour reward."""
+    from engine import plan
+    from engine.config import load_config
+
+    cuda = device == "cuda"
+    r = {"res": res, "modes": {}}
+    for mode in modes:
+        t = time.perf_counter()
+        ov = mode_overrides(mode, swap)
+        if tiny:
+            ov = [o.replace("swap_blocks=" + str(swap), "swap_blocks=2") for o in ov]
+        try:
+            reward = None
+            if not tiny:
+                typed = load_config(ROOT / "configs" / "flux-dev-hpsv21-lora.yaml", ov).reward.typed()
+                reward = plan._hps_arch(typed).to(device)   # the architecture, random weights: no download
+            trainer = build_trainer(res, device, steps, tiny=tiny, reward=reward,
+                                    overrides=[o for o in ov if not o.startswith("reward.")])
+            trainer.step()
+            if cuda:
+                torch.cuda.synchronize()
+            times, peaks = [], []
+            for _ in range(iters):
+                m = {}
+                times.append((_cuda_time if cuda else _wall_time)(lambda: m.update(trainer.step())))
+                peaks.append(m["peak_mem_bytes"])
+            out = {"overrides": ov, "step_s": statistics.median(times), "peak_bytes": max(peaks)}
+            if trainer.swap is not None:
+                out["swap_bytes_per_iteration"] = trainer.swap.bytes_moved // (iters + 1)
+                out["swap_misses"] = trainer.swap.misses
+        except torch.OutOfMemoryError as e:
+            out = {"overrides": ov, "oom": str(e).splitlines()[0]}
+        except Exception as e:  # noqa: BLE001  (record and go on)
+            out = {"overrides": ov, "error": f"{type(e).__name__}: {e}"[:300]}
+        finally:
+            trainer = reward = None
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+        out["seconds"] = time.perf_counter() - t
+        r["modes"][mode] = out
+        log(f"[{res}] mode {mode}: " + ", ".join(f"{k}={v}" for k, v in out.items() if k != "overrides"))
+    _vs_baseline(r)
+    return r
+
+
+def _vs_baseline(r: dict) -> None:
+    base = r["modes"].get("baseline", {})
+    for m in r["modes"].values():
+        if "peak_bytes" in m and "peak_bytes" in base:
+            m["mem_vs_baseline"] = m["peak_bytes"] / base["peak_bytes"]
+        if "step_s" in m and "step_s" in base:
+            m["time_vs_baseline"] = m["step_s"] / base["step_s"]
+
+
+def markdown_modes(data) -> str:
+    L = [f"# Memory modes: one LeapAlign LoRA r64 iteration of FLUX.1-dev + HPSv2.1, batch 1, T = {data['steps']} "
+         f"({data['device_name']})", "",
+         f"- {data['versions']}; {data['date']}", f"- command: `{data['command']}`",
+         "- " + ("fake tensors (engine.plan: the whole iteration under PeakLiveBytes + the resident bytes; "
+                 "HPSv2.1's ViT-H/14 built at full size, weights not read)" if data["fake"] else
+                 "real tensors, random weights; peak = torch.cuda.max_memory_allocated over trainer.step(), "
+                 "time = median CUDA-event time of trainer.step()"),
+         "- baseline, in the same run: diffusers' gradient checkpointing on the bf16 base, VAE decoder not "
+         "checkpointed, HPSv2.1 in fp32", ""]
+    for r in data["results"]:
+        L += [f"## {r['res']}x{r['res']}", "", "| mode | overrides | peak | vs baseline | time / iteration | "
+              "host -> device per iteration |", "|---|---|---|---|---|---|"]
+        for mode, m in r["modes"].items():
+            if "peak_bytes" not in m:
+                L.append(f"| {mode} | `{' '.join(m['overrides'])}` | {m.get('oom') or m.get('error')} | | | |")
+                continue
+            sw = m.get("swap_bytes_per_iteration", 0)
+            L.append(f"| {mode} | `{' '.join(m['overrides'])}` | {gib(m['peak_bytes'])} | "
+                     f"{m.get('mem_vs_baseline', float('nan')):.2f}x | "
+                     + (f"{m['step_s']:.2f} s ({m.get('time_vs_baseline', float('nan')):.2f}x)" if "step_s" in m
+                        else "- (no GPU)") + f" | {gib(sw) if sw else '-'} |")
+        L.append("")
+    return "\n".join(L) + "\n"
+
+
 # ----------------------------------------------------------------------------- reports
 def markdown_cpu(data) -> str:
     L = [f"# One training iteration at FLUX.1-dev size: memory terms ({data['device_name']})", ""]
@@ -594,6 +728,9 @@ def main(argv=None) -> int:
     ap.add_argument("--real", action="store_true", help="CPU: run the GPU code path on real tensors (use with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="the tiny model (engine.flux.tiny): a smoke test of the real path")
     ap.add_argument("--name", default=None, help="output stem (default step_<device>)")
+    ap.add_argument("--modes", nargs="+", default=None, choices=tuple(MODES),
+                    help="measure these memory modes instead (LeapAlign LoRA + HPSv2.1, the baseline in the same run)")
+    ap.add_argument("--swap-blocks", type=int, default=13, help="blocks swapped in the fp8+swap mode")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -617,6 +754,18 @@ def main(argv=None) -> int:
         except (KeyError, TypeError):  # a resolution still half-way: the JSON has it
             pass
 
+    if a.modes:
+        stem = a.name or f"modes_{a.device}" + ("_tiny" if a.tiny else "")
+        data["fake"] = fake
+        modes = ["baseline", *[m for m in a.modes if m != "baseline"]]
+        for res in a.res:
+            data["results"].append(modes_cpu(res, modes, a.swap_blocks, a.steps, log) if fake else
+                                   modes_gpu(res, modes, a.swap_blocks, a.steps, a.iters, log, a.device, a.tiny))
+            data["seconds"] = time.perf_counter() - t0
+            (out / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
+            (out / f"{stem}.md").write_text(markdown_modes(data))
+        log(f"wrote {out / stem}.json/.md")
+        return 0
     for res in a.res:
         if fake:
             data["results"].append(cpu_resolution(res, a.policies, a.steps, a.t_check, log))

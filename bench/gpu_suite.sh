@@ -7,7 +7,7 @@
 # in the run's carry; this script installs them into /tmp/site. Then, from the repo root:
 #   bash bench/gpu_suite.sh
 # SUITE=step bash bench/gpu_suite.sh runs only the training-step benches with longer limits
-# (bench_step 120 s at 512 + 1024, profile_step 30 s): a second device call, as the full suite
+# (bench_step 120 s at 512 + 1024, profile_step 30 s, the memory modes 240 s): a second device call, as the full suite
 # leaves them only 40 + 15 s (a 512x512 LeapAlign-vs-baseline pair and a short profile).
 #
 #   bash bench/gpu_suite.sh --dry-run
@@ -72,6 +72,11 @@ if [ "$SUITE" = step ] && [ $DRY = 0 ]; then
   [ -f "$OUT/step_cuda.md" ] && { echo; cat "$OUT/step_cuda.md"; } >> "$OUT/summary.md"
   step profile_step 30 python3 bench/profile_step.py --device cuda --out "$OUT" --res 512 --steps 25
   [ -f "$OUT/profile_cuda.md" ] && { echo; head -n 45 "$OUT/profile_cuda.md"; } >> "$OUT/summary.md"
+  # 7. the memory modes (fp8 base, block swap) against the baseline, LeapAlign LoRA + HPSv2.1's
+  #    architecture: peak, time per iteration, host -> device bytes
+  step bench_modes 240 python3 bench/bench_step.py --device cuda --out "$OUT" --res 1024 512 \
+    --modes lean full fp8 fp8+swap --iters 2
+  [ -f "$OUT/modes_cuda.md" ] && { echo; cat "$OUT/modes_cuda.md"; } >> "$OUT/summary.md"
   { echo; echo "## Steps"; for f in "$OUT"/*.log; do echo "- $(basename "$f" .log): $(tail -n 1 "$f")"; done; } >> "$OUT/summary.md"
   cat "$OUT/summary.md"
   exit $status

@@ -44,14 +44,35 @@ def test_study_runs_and_summarizes(tmp_path, monkeypatch, restore_torch_settings
     monkeypatch.setattr(study, "N_TRAIN", 4)
     monkeypatch.setattr(study, "N_GRID", 2)
     for name in ("base", "leapalign"):
-        res = study.run_one({"name": name, "seed": 0, "budget": 30, "out": str(tmp_path), "threads": 1})
+        res = study.run_one({"name": name, "seed": 0, "budget": 30, "out": str(tmp_path), "threads": 1,
+                             "time_budget": 1e-3})
         assert res["test"]["n"] == 6 and 0 <= res["test"]["judge"] <= 1
     assert res["steps"] == 2 and res["model_calls"] >= 30   # two LeapAlign steps of T=25 calls
+    # the CPU-time budget ran out after the first step: scored there, on the test prompts
+    assert res["at_time"]["steps"] == 1 and res["at_time"]["test"]["n"] == 6
+    assert [p["calls"] for p in res["judge_curve"]] == [25, 50] and res["train_cpu_seconds"] > 0
     rows = study.summarize(tmp_path, ["base", "leapalign"], edit_pairs=4)
     assert {"base", "leapalign", "_reward_by_edit"} <= set(rows)
-    assert "| leapalign | 1 | 2 |" in (tmp_path / "table.md").read_text()
-    for png in ("curves.png", "grids.png"):
+    table = (tmp_path / "table.md").read_text()
+    assert "| leapalign | 1 | 2 |" in table and "At equal compute" in table and "| leapalign | 1 | 1 | 25 |" in table
+    for png in ("curves.png", "judge_curves.png", "grids.png"):
         assert (tmp_path / png).is_file()
+
+
+def test_bench_step_modes_smoke(tmp_path):
+    """bench_step --modes on the real-tensor path (tiny model, CPU): every mode runs after the
+    baseline, in one process, and the report compares them with it."""
+    run = subprocess.run([sys.executable, "bench/bench_step.py", "--device", "cpu", "--real", "--tiny", "--res", "64",
+                          "--steps", "2", "--iters", "1", "--out", str(tmp_path), "--modes", "full", "fp8", "fp8+swap"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    data = json.loads((tmp_path / "modes_cpu_tiny.json").read_text())
+    modes = data["results"][0]["modes"]
+    assert list(modes) == ["baseline", "full", "fp8", "fp8+swap"]
+    assert all("error" not in m and m["peak_bytes"] > 0 and m["time_vs_baseline"] > 0 for m in modes.values())
+    assert modes["fp8+swap"]["swap_bytes_per_iteration"] > 0 and "swap_bytes_per_iteration" not in modes["fp8"]
+    assert "| fp8+swap |" in (tmp_path / "modes_cpu_tiny.md").read_text()
 
 
 # --------------------------------------------------------------------------- the GPU suite, dry run
