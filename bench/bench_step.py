@@ -512,6 +512,7 @@ def modes_cpu(res: int, modes, swap: int, steps: int, log) -> dict:
                             "resident_bytes": p["resident_total"], "iteration_peak_bytes": p["iteration"]["peak"],
                             "swap_bytes_per_iteration": (p.get("swap") or {}).get("bytes_per_iteration", 0),
                             "swap_host_bytes": (p.get("swap") or {}).get("host_bytes", 0),
+                            "fp8_dequant_bytes": p.get("fp8_dequant_bytes", 0),
                             "seconds": time.perf_counter() - t}
         log(f"[{res}] mode {mode}: peak {gib(p['peak'])} ({time.perf_counter() - t:.0f}s)")
     _vs_baseline(r)
@@ -590,16 +591,17 @@ def markdown_modes(data) -> str:
          "checkpointed, HPSv2.1 in fp32", ""]
     for r in data["results"]:
         L += [f"## {r['res']}x{r['res']}", "", "| mode | overrides | peak | vs baseline | time / iteration | "
-              "host -> device per iteration |", "|---|---|---|---|---|---|"]
+              "host -> device per iteration | fp8 dequantize traffic per iteration |", "|---|---|---|---|---|---|---|"]
         for mode, m in r["modes"].items():
             if "peak_bytes" not in m:
-                L.append(f"| {mode} | `{' '.join(m['overrides'])}` | {m.get('oom') or m.get('error')} | | | |")
+                L.append(f"| {mode} | `{' '.join(m['overrides'])}` | {m.get('oom') or m.get('error')} | | | | |")
                 continue
             sw = m.get("swap_bytes_per_iteration", 0)
             L.append(f"| {mode} | `{' '.join(m['overrides'])}` | {gib(m['peak_bytes'])} | "
                      f"{m.get('mem_vs_baseline', float('nan')):.2f}x | "
                      + (f"{m['step_s']:.2f} s ({m.get('time_vs_baseline', float('nan')):.2f}x)" if "step_s" in m
-                        else "- (no GPU)") + f" | {gib(sw) if sw else '-'} |")
+                        else "- (no GPU)") + f" | {gib(sw) if sw else '-'} | "
+                     + (gib(m["fp8_dequant_bytes"]) if m.get("fp8_dequant_bytes") else "-") + " |")
         L.append("")
     return "\n".join(L) + "\n"
 

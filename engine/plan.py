@@ -734,6 +734,27 @@ def fsdp_terms(planner: "Planner") -> dict:
             "gathered: the root's parameters": root}
 
 
+def fp8_dequant_bytes(planner: "Planner", policy: str, fp8_mode: str) -> int:
+    """Memory traffic of the fp8 base's dequantization in one iteration (kernels/fp8_linear.py
+    dequantizes, then multiplies in bf16; its backward dequantizes again, saving only the fp8
+    codes): 1 byte read + 2 written per weight, in every forward (T), every graph-keeping pass's
+    backward and, with a recomputing policy, its recomputation; fp8 compute in the rollout
+    (``rollout``) dequantizes nothing in the no-grad steps. Lean is counted as recomputing (an
+    upper bound)."""
+    from kernels.fp8_linear import Fp8Linear
+
+    if fp8_mode == "none":
+        return 0
+    n_weights = sum(mod.weight.numel() for mod in planner.adapter.transformer.modules() if isinstance(mod, Fp8Linear))
+    T = planner.cfg.num_steps
+    try:
+        n = graph_passes(planner.cfg)
+    except PlanError:
+        n = T
+    passes = T + n + (n if policy != "none" else 0) - ((T - n) if fp8_mode == "rollout" else 0)
+    return 3 * n_weights * passes
+
+
 def step_phase(planner: "Planner") -> int:
     """Bytes beyond the resident ones during clip + AdamW + EMA: the gradients, AdamW's
     sqrt(exp_avg_sq) (foreach over all trainable tensors on a GPU, one tensor at a time on a CPU)
@@ -1012,6 +1033,9 @@ def run_plan(cfg: TrainConfig, model_config: str | None = None, budget_gib: floa
            "trainable_params": sum(x.numel() for x in p.trainable.values()),
            "iteration": it, "step_phase": step, "composed": composed,
            "peak": resident + max(it["peak"], step), "notes": p.notes, "world_size": p.world}
+    dq = fp8_dequant_bytes(p, m.policy, FP8_BASE_MODES[m.base_precision])
+    if dq:
+        out["fp8_dequant_bytes"] = dq
     fs = fsdp_terms(p)
     if fs:
         out["fsdp"] = fs
@@ -1075,6 +1099,10 @@ def format_plan(r: dict) -> str:
           f"(held after the loss forward {gib(it['held_after_loss_forward'])})"]
     if r["composed"] is not None:
         L.append(f"  {'  the same from the terms above':<54} {gib(r['composed']):>11}")
+    if r.get("fp8_dequant_bytes"):
+        b = r["fp8_dequant_bytes"]
+        L.append(f"  {'fp8 base: dequantization traffic per iteration':<54} {gib(b):>11}   "
+                 f"({b / 4.8e12 * 1e3:.0f} ms at H200's 4.8 TB/s, {b / 3.35e12 * 1e3:.0f} ms at H100's 3.35 TB/s)")
     fs = r.get("fsdp") or {}
     if fs:
         L += ["", f"FSDP2 over {r['world_size']} GPUs, per GPU (the iteration above measured with each gradient "
