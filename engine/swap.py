@@ -77,7 +77,7 @@ class BlockSwap:
                         if t is None:
                             continue
                         host = t.detach().to("cpu")
-                        if torch.cuda.is_available():
+                        if self.cuda:     # pinned: the copies can run asynchronously on the side stream
                             host = host.pin_memory()
                         store[name] = nn.Parameter(host, requires_grad=False) if isinstance(t, nn.Parameter) else host
                 self.host[id(m)] = (dict(m._parameters), dict(m._buffers))
