@@ -247,6 +247,7 @@ def summarize(out: Path, names: list[str], edit_pairs: int = 200) -> dict:
             table.append(f"| {name} | {len(ts)} | {int(np.mean([t['steps'] for t in ts]))} | "
                          f"{int(np.mean([t['calls'] for t in ts]))} | {_ms(tg('judge'))} | "
                          f"{_ms(tg('judge_accuracy'))} | {_ms(tg('reward'))} |")
+    table += _versus(rows, by)
     kinds = ["single", "count", "pair", "relation", "overall"]
     table += ["", "Test judge score by prompt kind (mean over seeds):", "",
               "| run | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
@@ -273,6 +274,30 @@ def summarize(out: Path, names: list[str], edit_pairs: int = 200) -> dict:
     _judge_curves(by, [n for n in ["leapalign", *ABLATIONS] if n in by], out / "ablation_judge_curves.png")
     _grids(by, [n for n in ["base", *MAIN] if n in by], out / "grids.png")
     return rows
+
+
+def _versus(rows: dict, by: dict) -> list[str]:
+    """The issue's test: LeapAlign's test judge above each other method and the base model by
+    more than the seed spread (the larger of the two standard deviations over seeds)."""
+    if "leapalign" not in rows:
+        return []
+    out = ["", "LeapAlign's test judge against each other run (difference of the seed means; spread: the larger "
+               "standard deviation over seeds; ahead = difference > spread):", "",
+           "| against | equal calls: difference | spread | ahead | equal CPU time: difference | spread | ahead |",
+           "|---|---|---|---|---|---|---|"]
+    la = rows["leapalign"]
+    for name in ["base", *MAIN]:
+        if name == "leapalign" or name not in rows:
+            continue
+        cells = []
+        for get in (lambda r: r["test_judge"]["values"],
+                    lambda r: (r.get("at_time") or {}).get("test_judge") or r["test_judge"]["values"]):
+            a, b = np.asarray(get(la)), np.asarray(get(rows[name]) if name != "base" else rows[name]["test_judge"]["values"])
+            sd = max(a.std(ddof=1) if len(a) > 1 else 0.0, b.std(ddof=1) if len(b) > 1 else 0.0)
+            d = a.mean() - b.mean()
+            cells += [f"{d:+.3f}", f"{sd:.3f}", "yes" if d > sd else "no"]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _curves(by: dict, names: list[str], path: Path, window: int = 15) -> None:
