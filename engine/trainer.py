@@ -102,7 +102,10 @@ class LeapTrainer:
                 f"{sum(p.numel() for p in self.params.values()):,}"
                 f"{f' (LoRA r{cfg.lora.rank})' if cfg.lora.enabled else ''}; {d.world} process(es) "
                 f"({cfg.distributed}), global batch {self.global_batch} = {cfg.batch_size} x {cfg.grad_accum} "
-                f"micro-steps x {d.world}\n{build.describe_backends(self.device, cfg.model.policy, self.policy)}")
+                f"micro-steps x {d.world}"
+                + (f"; block swap: the last {len(self.swap.leaves)} blocks' frozen linears in host memory "
+                   f"({self.swap.swapped_bytes() / 2**30:.2f} GiB)" if self.swap else "")
+                + f"\n{build.describe_backends(self.device, cfg.model.policy, self.policy)}")
 
     # ------------------------------------------------------------------ pieces
     def autocast(self):
