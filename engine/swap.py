@@ -83,7 +83,8 @@ class BlockSwap:
                 self.host[id(m)] = (dict(m._parameters), dict(m._buffers))
                 self.index[id(m)] = b
                 self.handles.append(m.register_forward_pre_hook(self._enter))
-                self.handles.append(m.register_forward_hook(self._leave))
+                # always_call: the host tensors go back even when the forward raises
+                self.handles.append(m.register_forward_hook(self._leave, always_call=True))
             self.leaves.append(leaves)
 
     def host_tensor_ids(self) -> set[int]:

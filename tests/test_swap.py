@@ -161,3 +161,20 @@ def test_copies_overlap_compute_on_gpu():
                   for c in copies for k in kernels)
     assert overlap, "no host-to-device copy overlapped a kernel"
     assert s.misses <= 1
+
+
+def test_the_host_tensors_go_back_when_a_forward_raises(ref):
+    sw, s = swapped(ref, 2)
+    leaf = s.leaves[0][0]
+    before = dict(leaf._parameters)
+
+    def boom(m, args):
+        raise RuntimeError("boom")
+
+    h = leaf.register_forward_pre_hook(boom)     # runs after the swap's own pre-hook
+    try:
+        with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
+            sw(**flux_inputs(sw))
+    finally:
+        h.remove()
+    assert all(leaf._parameters[k] is v for k, v in before.items())
