@@ -62,7 +62,6 @@ class BlockSwap:
         self.leaves: list[list[nn.Module]] = []      # per swapped block, its swapped linears
         self.host: dict[int, tuple[dict, dict]] = {}  # id(linear) -> its host parameters, buffers
         self.index: dict[int, int] = {}               # id(linear) -> swapped block number
-        self.handles = []
         self.inflight: dict[int, tuple[dict, object]] = {}   # block -> ({(id, name): device tensor}, event)
         self.last: int | None = None
         self.direction = 1
@@ -82,9 +81,9 @@ class BlockSwap:
                         store[name] = nn.Parameter(host, requires_grad=False) if isinstance(t, nn.Parameter) else host
                 self.host[id(m)] = (dict(m._parameters), dict(m._buffers))
                 self.index[id(m)] = b
-                self.handles.append(m.register_forward_pre_hook(self._enter))
+                m.register_forward_pre_hook(self._enter)
                 # always_call: the host tensors go back even when the forward raises
-                self.handles.append(m.register_forward_hook(self._leave, always_call=True))
+                m.register_forward_hook(self._leave, always_call=True)
             self.leaves.append(leaves)
 
     def host_tensor_ids(self) -> set[int]:
@@ -153,21 +152,10 @@ class BlockSwap:
                     store[name] = tensors[(id(m), name)]
 
     def _leave(self, m: nn.Module, args, output):
-        self._restore(m)
-
-    def _restore(self, m: nn.Module) -> None:
-        host = self.host[id(m)]
-        for store, saved in zip((m._parameters, m._buffers), host):
+        for store, saved in zip((m._parameters, m._buffers), self.host[id(m)]):
             store.update(saved)
 
     def reset(self) -> None:
         """Forget the copies in flight and the order (a measurement starts from nothing on the device)."""
         self.inflight.clear()
         self.last, self.direction = None, 1
-
-    def remove(self) -> None:
-        """Undo: hooks off, the host tensors stay the modules' (move the model where you want it)."""
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-        self.inflight.clear()
