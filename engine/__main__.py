@@ -129,7 +129,8 @@ def _eval(args) -> int:
                                         cfg.eval_num_steps, args.seed, cfg.judge)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_grid(images[: cfg.samples], out / "eval_grid.png", captions=prompts[: cfg.samples])
+    save_grid(images[: cfg.samples], out / "eval_grid.png",
+              captions=generate.captions(images, prompts[: cfg.samples], cfg.judge))
     weights = ("raw" if args.raw else "EMA") if args.checkpoint else "base"
     what = f"{args.checkpoint or args.config} ({weights} weights, step {step})"
     write_eval_table(metrics, out / "eval.md", what)

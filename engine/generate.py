@@ -56,6 +56,17 @@ def evaluate(adapter, condition, scorers: dict, prompts: list[str], height: int,
     return metrics, images
 
 
+def captions(images: torch.Tensor, prompts: list[str], judge: bool = False) -> list[str]:
+    """Sample-grid captions: each prompt and, with ``judge``, how many of its clauses the image
+    satisfies, so that grids (before / after a run) can be compared tile by tile."""
+    if not judge:
+        return list(prompts)
+    from engine.world.judge import judge as run_judge
+
+    res = run_judge(images[: len(prompts)], list(prompts))
+    return [f"{p} [{sum(c.values())}/{len(c)}]" for p, c in zip(prompts, res.clauses)]
+
+
 def text_condition(adapter, text_encoder, height: int, width: int):
     """``condition(prompts)`` for a plain text encoder (no caching)."""
     def condition(prompts):

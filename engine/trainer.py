@@ -377,7 +377,8 @@ class LeapTrainer:
             if self.step_count == 0:
                 before, images = self.evaluate()
                 if main:
-                    save_grid(images[: cfg.samples], out / "samples_before.png", captions=self.eval_set[: cfg.samples])
+                    save_grid(images[: cfg.samples], out / "samples_before.png",
+                              captions=generate.captions(images, self.eval_set[: cfg.samples], cfg.judge))
                     if board:
                         board.scalars("eval", before, 0)
                         board.images("samples/before", images[: cfg.samples], 0)
@@ -401,7 +402,8 @@ class LeapTrainer:
                            eval_reward_after_ema=after_ema["reward"])
             summary.update(steps=self.step_count, skipped=self.skipped, output_dir=str(out))
             if main:
-                save_grid(images[: cfg.samples], out / "samples_after.png", captions=self.eval_set[: cfg.samples])
+                save_grid(images[: cfg.samples], out / "samples_after.png",
+                          captions=generate.captions(images, self.eval_set[: cfg.samples], cfg.judge))
                 if board:
                     board.scalars("eval", after, self.step_count)
                     board.scalars("eval_ema", after_ema, self.step_count)

@@ -25,6 +25,20 @@ def test_world_config_trains_and_reports_reward_and_judge(tmp_path):
     assert any(not torch.equal(before[n], p) for n, p in tr.params.items())
     for name in ("samples_before.png", "samples_after.png", "reward_curve.png", "summary.json"):
         assert (tmp_path / name).is_file()
+    # the grids' captions count the judge's satisfied clauses per tile: all of a true render's,
+    # not all of a black image's
+    from engine.generate import captions
+    from engine.world import render_batch
+
+    ps = tr.eval_set[:4]
+    assert captions(torch.zeros(4, 3, 64, 64), ps) == ps
+
+    def counts(caps):
+        assert [c.rsplit(" [", 1)[0] for c in caps] == ps
+        return [tuple(int(x) for x in c.rsplit("[", 1)[1].rstrip("]").split("/")) for c in caps]
+
+    assert all(k == n > 0 for k, n in counts(captions(render_batch(ps, range(4)), ps, judge=True)))
+    assert all(k < n for k, n in counts(captions(torch.zeros(4, 3, 64, 64), ps, judge=True)))
 
 
 def test_evaluate_is_repeatable_and_eval_cli_writes_its_table(tmp_path):
