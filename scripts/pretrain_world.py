@@ -85,15 +85,15 @@ def vae_config() -> dict:
     )
 
 
-def transformer_config() -> dict:
+def transformer_config(heads: int = 3, layers: int = 1, single_layers: int = 4) -> dict:
     return dict(
         patch_size=1,
         in_channels=16,          # 4 latent channels * 2x2 packing
         out_channels=None,
-        num_layers=1,            # double-stream blocks
-        num_single_layers=4,
+        num_layers=layers,       # double-stream blocks
+        num_single_layers=single_layers,
         attention_head_dim=32,
-        num_attention_heads=3,   # width 96
+        num_attention_heads=heads,   # width 32 * heads
         joint_attention_dim=384,   # MiniLM token width
         pooled_projection_dim=384,  # MiniLM pooled width
         guidance_embeds=True,
@@ -252,7 +252,13 @@ def stage_flux(args) -> None:
     seq_len = (SIZE // 4 // 2) ** 2
     mu = calculate_shift(seq_len, 256, 4096, 0.5, 1.15)
     torch.manual_seed(args.seed)
-    model = FluxTransformer2DModel(**transformer_config())
+    cfg = transformer_config(args.heads, args.layers, args.single_layers)
+    if args.init:
+        # a longer schedule continued from trained weights (their own config wins)
+        model = FluxTransformer2DModel.from_pretrained(args.init, local_files_only=True)
+        cfg = {k: model.config[k] for k in cfg}
+    else:
+        model = FluxTransformer2DModel(**cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     step, elapsed, best = 0, 0.0, float("inf")
@@ -265,7 +271,7 @@ def stage_flux(args) -> None:
         torch.set_rng_state(st["torch_rng"])
         log(f"flux: resumed at step {step}, {elapsed:.0f}s, best val {best:.4f}")
     else:
-        log(f"flux: config {json.dumps(transformer_config())}")
+        log(f"flux: config {json.dumps(cfg)}" + (f"; initialised from {args.init}" if args.init else ""))
         log(f"flux: {n_params(model)} params; {len(prompts)} train prompts; seq_len {seq_len}, mu {mu:.4f}; "
             f"batch {args.batch}, lr {args.lr}, ema {args.ema}")
     txt_ids = torch.zeros(tokens.shape[1], 3)
@@ -465,6 +471,10 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=8192)
     ap.add_argument("--fresh", type=int, default=16)
     ap.add_argument("--ema", type=float, default=0.995)
+    ap.add_argument("--heads", type=int, default=3, help="attention heads of 32 channels: the width")
+    ap.add_argument("--layers", type=int, default=1, help="double-stream blocks")
+    ap.add_argument("--single-layers", type=int, default=4)
+    ap.add_argument("--init", default=None, help="a transformer/ folder to continue training from")
     ap.add_argument("--ckpt-every", type=float, default=3.0, help="minutes")
     ap.add_argument("--eval-n", type=int, default=64)
     ap.add_argument("--eval-steps", type=int, default=25)
