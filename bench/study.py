@@ -15,8 +15,8 @@ training prompts at the call budget, test prompts at the time budget, and the ju
   python bench/study.py                       # everything, 3 seeds, 2 worker processes
   python bench/study.py --only leapalign refl --seeds 1 --budget 500   # a quick look
 
-Outputs in --out (default bench/results/study): runs/<name>__s<seed>.json (one per run; runs
-already there are not redone), results.json, table.md, curves.png (reward), judge_curves.png,
+Outputs in --out (default bench/results/study): runs/<name>__s<seed>.json (one per run; a run
+already there from the same start model, reward, config and budgets is not redone), results.json, table.md, curves.png (reward), judge_curves.png,
 ablation_curves.png, ablation_judge_curves.png, compute_curves.png, grids.png (each column titled
 with its prompt). The spread is the standard deviation over seeds (training randomness: prompt
 draws, noise, step choices; the evaluation noise and prompts are the same for every run).
@@ -56,6 +56,23 @@ RUNS = {**MAIN, **ABLATIONS, **COMPUTE}
 N_TEST, N_TRAIN, N_GRID = 192, 64, 8
 N_CURVE, CURVE_POINTS = 64, 5   # the judge curves: the first 64 test prompts, 5 points per run
 EVAL_SEED = 1234
+
+
+def start_fingerprint() -> str:
+    """What every run starts from and is scored against: the shipped world model, its reward and
+    configs/world.yaml (sha256, 16 hex digits). A run recorded from another start is redone."""
+    import hashlib
+
+    h = hashlib.sha256()
+    w = ROOT / "engine" / "world" / "weights"
+    for f in (w / "transformer" / "diffusion_pytorch_model.safetensors", w / "vae" / "diffusion_pytorch_model.safetensors",
+              w / "reward" / "model.safetensors", w / "reward" / "config.json", ROOT / "configs" / "world.yaml"):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _current(record: dict, job: dict) -> bool:
+    return all(record.get(k) == job[k] for k in ("start", "budget", "time_budget"))
 
 
 def _slug(name: str) -> str:
@@ -145,6 +162,7 @@ def run_one(job: dict) -> dict:
     grid.parent.mkdir(parents=True, exist_ok=True)
     _save_strip(final["images"][:N_GRID], grid)
     res = {"name": name, "method": method, "params": {**params, "lam": cfg.method.lam}, "seed": seed,
+           "start": job.get("start") or start_fingerprint(), "budget": job["budget"],
            "steps": final["steps"], "model_calls": final["calls"], "train_cpu_seconds": final["cpu_s"],
            "curve": [c for c in curve if c[0] <= final["calls"]], "judge_curve": judge_curve,
            "at_time": at_time, "time_budget": job["time_budget"], "test": final["test"], "train": final["train"],
@@ -204,8 +222,16 @@ def _ms(vals) -> str:
     return f"{vals.mean():.3f} ± {vals.std(ddof=1):.3f}" if len(vals) > 1 else f"{vals.mean():.3f}"
 
 
-def summarize(out: Path, names: list[str], edit_pairs: int = 200) -> dict:
+def summarize(out: Path, names: list[str], edit_pairs: int = 200, start: str | None = None) -> dict:
+    """The tables and figures from runs/*.json; with ``start``, only the runs made from it."""
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    if start is not None:
+        stale = [r["name"] for r in runs if r.get("start") != start]
+        if stale:
+            print(f"[study] left out {len(stale)} run(s) made from another start model / reward / config", flush=True)
+        runs = [r for r in runs if r.get("start") == start]
+    if not runs:
+        raise ValueError(f"no runs to summarize in {out / 'runs'}" + (f" made from start {start}" if start else ""))
     by = {}
     for r in runs:
         by.setdefault(r["name"], []).append(r)
@@ -408,6 +434,7 @@ def main() -> None:
 
         cfg = load_config(ROOT / "configs" / "world.yaml")
         args.budget = cfg.steps * cfg.num_steps
+    start = start_fingerprint()
     names = ["base", *RUNS] if args.only is None else args.only
     unknown = [n for n in names if n != "base" and n not in RUNS]
     if unknown:
@@ -418,10 +445,11 @@ def main() -> None:
         if name in COMPUTE and args.only is None:
             continue   # opt-in (--only "leapalign 3x calls"): not part of the equal-calls comparison
         for seed in range(n_seeds):
-            if not (out / "runs" / f"{_slug(name)}__s{seed}.json").exists():
-                jobs.append({"name": name, "seed": seed, "budget": args.budget, "out": str(out),
-                             "time_budget": args.time_budget,
-                             "threads": args.threads})
+            job = {"name": name, "seed": seed, "budget": args.budget, "out": str(out),
+                   "time_budget": args.time_budget, "threads": args.threads, "start": start}
+            rec = out / "runs" / f"{_slug(name)}__s{seed}.json"
+            if not (rec.exists() and _current(json.loads(rec.read_text()), job)):
+                jobs.append(job)
     # the slow full-backprop runs first, so the pool does not end on one long job
     jobs.sort(key=lambda j: (j["name"] != "full", j["name"] == "base"))
     print(f"[study] {len(jobs)} runs to do in {args.workers} workers", flush=True)
@@ -435,7 +463,7 @@ def main() -> None:
         else:
             for j in jobs:
                 run_one(j)
-    rows = summarize(out, ["base", *RUNS])
+    rows = summarize(out, ["base", *RUNS], start=start)
     print((out / "table.md").read_text())
     return rows
 

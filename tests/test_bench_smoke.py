@@ -51,7 +51,13 @@ def test_study_runs_and_summarizes(tmp_path, monkeypatch, restore_torch_settings
     # the CPU-time budget ran out after the first step: scored there, on the test prompts
     assert res["at_time"]["steps"] == 1 and res["at_time"]["test"]["n"] == 6
     assert [p["calls"] for p in res["judge_curve"]] == [25, 50] and res["train_cpu_seconds"] > 0
-    rows = study.summarize(tmp_path, ["base", "leapalign"], edit_pairs=4)
+    # a record is reused only by a job from the same start model / reward / config and budgets
+    job = {"start": study.start_fingerprint(), "budget": 30, "time_budget": 1e-3}
+    assert res["start"] == job["start"] and study._current(res, job)
+    assert not study._current(res, {**job, "start": "0" * 16}) and not study._current(res, {**job, "budget": 31})
+    with pytest.raises(ValueError, match="no runs to summarize .* made from start 0000000000000000"):
+        study.summarize(tmp_path, ["base", "leapalign"], edit_pairs=4, start="0" * 16)
+    rows = study.summarize(tmp_path, ["base", "leapalign"], edit_pairs=4, start=job["start"])
     assert {"base", "leapalign", "_reward_by_edit"} <= set(rows)
     table = (tmp_path / "table.md").read_text()
     assert "| leapalign | 1 | 2 |" in table and "At equal compute" in table and "| leapalign | 1 | 1 | 25 |" in table
