@@ -146,8 +146,10 @@ def versus(reward, samples: torch.Tensor, prompts: list[str], true_scores: torch
             "true_mean": float(true_scores.mean())}
 
 
-def finetune(reward_dir: str, steps_factor: int, out_dir: str, lam: float | None, reuse: str = ""):
-    """LeapAlign on configs/world.yaml against this reward (judge off), steps_factor x its steps;
+def finetune(reward_dir: str, steps_factor: int, out_dir: str, lam: float | None, reuse: str = "",
+             overrides: tuple[str, ...] = ()):
+    """LeapAlign on configs/world.yaml (plus ``overrides``) against this reward (judge off),
+    steps_factor x its steps;
     with ``reuse``, the finished run of that checkpoint instead (e.g. the default job's, made with
     this reward: ``python -m engine train --config configs/world.yaml``)."""
     from engine.config import load_config
@@ -157,20 +159,20 @@ def finetune(reward_dir: str, steps_factor: int, out_dir: str, lam: float | None
         cfg = LeapTrainer.config_from_checkpoint(reuse)
         trainer = LeapTrainer(cfg, reward=WorldReward(reward_dir))
         trainer.load_checkpoint(reuse)
-        log(f"reused {reuse}: {trainer.step_count} steps (lam {cfg.method.params.get('lam')}, "
+        log(f"reused {reuse}: {trainer.step_count} steps (lam {cfg.method.lam}, "
             f"reward {cfg.reward.name})")
         return trainer, trainer.step_count
 
-    cfg = load_config(os.path.join(ROOT, "configs", "world.yaml"), [])
+    cfg = load_config(os.path.join(ROOT, "configs", "world.yaml"), list(overrides))
     cfg.steps = cfg.steps * steps_factor
     cfg.judge = False
     cfg.output_dir = out_dir
     if lam is not None:
-        cfg.method.params = {**cfg.method.params, "lam": float(lam)}
+        cfg.method.lam = float(lam)
     trainer = LeapTrainer(cfg, reward=WorldReward(reward_dir))
     t0 = time.time()
     summary = trainer.train()
-    log(f"fine-tuned {cfg.steps} steps (lam {cfg.method.params.get('lam')}) in {time.time() - t0:.0f}s: "
+    log(f"fine-tuned {cfg.steps} steps (lam {cfg.method.lam}) in {time.time() - t0:.0f}s: "
         f"eval reward {summary['eval_reward_before']:.3f} -> {summary['eval_reward_after']:.3f}")
     return trainer, cfg.steps
 

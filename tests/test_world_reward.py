@@ -201,3 +201,19 @@ def test_shipped_reward_gradient_reaches_pixels(shipped):
     x = render_batch(["a red circle", "two blue squares"], [0, 1]).requires_grad_(True)
     shipped(x, ["a red circle", "two blue squares"]).sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_measure_script_finetunes_with_its_lam(tmp_path):
+    """scripts/measure_world_reward.py's hack-check fine-tuning runs against the current config
+    (it once broke on a renamed config field and no test noticed)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "measure_world_reward", os.path.join(os.path.dirname(__file__), "..", "scripts", "measure_world_reward.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    fast = ("steps=1", "batch_size=2", "num_steps=4", "eval_size=2", "samples=2")
+    trainer, steps = mod.finetune(REWARD_DIR, 2, str(tmp_path), -0.5, overrides=fast)
+    assert steps == 2 and trainer.step_count == 2 and trainer.cfg.method.lam == -0.5 and not trainer.cfg.judge
+    again, n = mod.finetune(REWARD_DIR, 1, "", None, reuse=str(tmp_path / "checkpoint.safetensors"))
+    assert n == 2 and again.cfg.method.lam == -0.5
