@@ -1,4 +1,6 @@
-"""Measure the world reward (engine/world/reward.py) on what it is for; the judge is never used.
+"""Measure the world reward (engine/world/reward.py) on what it is for; the judge scores nothing
+here unless --judge-report asks it to describe the hack check's samples (a report: it selects,
+trains and tunes nothing).
 
 On the TEST prompts (held-out colour-shape pairs included), with true renders from the renderer:
   pairs     a true render above a one-edit near miss of the same prompt (same seed), per edit kind
@@ -140,6 +142,20 @@ class Sampler:
         return torch.cat(out)
 
 
+def judge_report(reward, samples: torch.Tensor, prompts: list[str], true_scores: torch.Tensor) -> dict:
+    """The world judge's verdicts on the fine-tuned samples, split by whether the reward put the
+    sample at or above its prompt's true render: tells a reward fooled by wrong images from a
+    model that draws the prompt right (a sample may then fairly match a true render)."""
+    from engine.world.judge import judge
+
+    won = (score(reward, samples, prompts) >= true_scores).numpy()
+    res = judge(samples, prompts)
+    part = lambda sel: {"n": int(sel.sum()), "judge_correct": float(res.correct[sel].mean()) if sel.any() else None,  # noqa: E731
+                        "judge_score": float(res.score[sel].mean()) if sel.any() else None}
+    return {"at_or_above_true": part(won), "below_true": part(~won),
+            "wrong_at_or_above_true": float((won & ~res.correct).mean())}
+
+
 def versus(reward, samples: torch.Tensor, prompts: list[str], true_scores: torch.Tensor) -> dict:
     s = score(reward, samples, prompts)
     return {"true_above_sample": float((true_scores > s).float().mean()), "sample_mean": float(s.mean()),
@@ -187,6 +203,10 @@ def main() -> None:
     ap.add_argument("--hack", default="1,3", help="fine-tuning budgets (x configs/world.yaml's steps); '' skips")
     ap.add_argument("--lam", type=float, default=None, help="lam for the fine-tuning runs (default: the calibrated one)")
     ap.add_argument("--reuse", default="", help="the 1x run: this checkpoint instead of a new run")
+    ap.add_argument("--reuse-runs", action="store_true",
+                    help="reuse the finished fine-tuning runs in runs/reward_hack_<f>x (from an earlier call)")
+    ap.add_argument("--judge-report", action="store_true",
+                    help="describe the hack check's samples with the world judge (reported, never used)")
     ap.add_argument("--collect", default="", help="write next-round losers (training prompts) here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
@@ -200,7 +220,7 @@ def main() -> None:
     log(f"=== measure_world_reward.py {' '.join(sys.argv[1:])}")
     reward = WorldReward(args.reward).eval()
     test, train = test_prompts(), train_prompts()
-    m: dict = {"reward": os.path.relpath(args.reward, ROOT), "targets": TARGETS}
+    m: dict = {"reward": os.path.relpath(args.reward, ROOT), "targets": TARGETS, "judge_report": args.judge_report}
 
     t0 = time.time()
     m["pairs_test"] = pair_accuracy(reward, test, args.seed)
@@ -239,11 +259,14 @@ def main() -> None:
     m["hack"] = {}
     for f in [int(x) for x in args.hack.split(",") if x.strip()]:
         run = os.path.join(ROOT, "runs", f"reward_hack_{f}x")
-        trainer, steps = finetune(args.reward, f, run, args.lam if args.lam is not None else lam,
-                                  args.reuse if f == 1 else "")
+        done = os.path.join(run, "checkpoint.safetensors")
+        reuse = args.reuse if f == 1 and args.reuse else done if args.reuse_runs and os.path.exists(done) else ""
+        trainer, steps = finetune(args.reward, f, run, args.lam if args.lam is not None else lam, reuse)
         samp = Sampler(trainer)
         ft = samp(test_s)
         m["hack"][f"{f}x"] = {"steps": steps, **versus(reward, ft, test_s, r_te)}
+        if args.judge_report:
+            m["hack"][f"{f}x"]["judge"] = judge_report(reward, ft, test_s, r_te)
         log(f"hack check {f}x ({steps} steps): {m['hack'][f'{f}x']}")
         if args.collect:
             neg_p = subset(train, 512, args.seed + 10 + f)
@@ -262,8 +285,9 @@ def main() -> None:
 def write_md(m: dict, path: str) -> None:
     ok = lambda good: "yes" if good else "**no**"   # noqa: E731
     L = ["# World reward: measured on the test prompts", "",
-         f"Made by `python scripts/measure_world_reward.py --threads 1` for `{m['reward']}`; the judge is "
-         "not used anywhere. Targets in brackets.", "",
+         f"Made by `python scripts/measure_world_reward.py --threads 1{' --judge-report' if m.get('judge_report') else ''}` "
+         f"for `{m['reward']}`; the judge selects, trains and tunes nothing"
+         f"{' (it only describes the hack check samples, below)' if m.get('judge_report') else ''}. Targets in brackets.", "",
          "## True render above a one-edit near miss (same prompt, same seed) [>= 0.90 per kind]", "",
          "| edit | test prompts | pairs | crisp | after VAE round trip | target met (crisp) |",
          "|---|---|---|---|---|---|"]
@@ -278,6 +302,17 @@ def write_md(m: dict, path: str) -> None:
     for k, v in m["hack"].items():
         L.append(f"| {k} configs/world.yaml's budget | {v['steps']} | {v['true_above_sample']:.3f} | "
                  f"{v['sample_mean']:.3f} | {ok(v['true_above_sample'] >= 0.8)} |")
+    judged = {k: v["judge"] for k, v in m["hack"].items() if "judge" in v}
+    if judged:
+        L += ["", "The judge's view of those samples (`--judge-report`: a description, it selects nothing): "
+              "a sample the reward puts at or above its true render may be a right image, not an exploit.", "",
+              "| run | samples at/above the true render | of them judged fully right | their judge score | "
+              "samples below | judged fully right | wrong and at/above the true render |", "|---|---|---|---|---|---|---|"]
+        for k, j in judged.items():
+            a, b2 = j["at_or_above_true"], j["below_true"]
+            f3 = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+            L.append(f"| {k} | {a['n']} | {f3(a['judge_correct'])} | {f3(a['judge_score'])} | {b2['n']} | "
+                     f"{f3(b2['judge_correct'])} | {j['wrong_at_or_above_true']:.3f} |")
     s = m["shift"]
     L += ["", "## Train / test shift of true renders [|diff| <= 0.5 sd]", "",
           f"train {s['train_mean']:.3f} ± {s['train_std']:.3f}, test {s['test_mean']:.3f} ± {s['test_std']:.3f}: "

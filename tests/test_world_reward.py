@@ -217,3 +217,13 @@ def test_measure_script_finetunes_with_its_lam(tmp_path):
     assert steps == 2 and trainer.step_count == 2 and trainer.cfg.method.lam == -0.5 and not trainer.cfg.judge
     again, n = mod.finetune(REWARD_DIR, 1, "", None, reuse=str(tmp_path / "checkpoint.safetensors"))
     assert n == 2 and again.cfg.method.lam == -0.5
+    # the judge report splits samples by the reward's verdict against the true render
+    reward = build_reward("world")
+    ps = ["a red circle", "two blue squares", "a green triangle left of a white square"]
+    true = render_batch(ps, range(3))
+    r = mod.score(reward, true, ps)
+    rep = mod.judge_report(reward, true, ps, r)   # a true render ties with itself: judged right
+    assert rep["at_or_above_true"] == {"n": 3, "judge_correct": 1.0, "judge_score": 1.0}
+    assert rep["below_true"]["n"] == 0 and rep["wrong_at_or_above_true"] == 0.0
+    rep = mod.judge_report(reward, torch.zeros_like(true), ps, r)   # blank images: below, wrong
+    assert rep["below_true"]["n"] == 3 and rep["below_true"]["judge_correct"] == 0.0
