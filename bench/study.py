@@ -18,8 +18,9 @@ training prompts at the call budget, test prompts at the time budget, and the ju
 Outputs in --out (default bench/results/study): runs/<name>__s<seed>.json (one per run; a run
 already there from the same start model, reward, config and budgets is not redone), results.json,
 table.md, curves.png (reward), judge_curves.png, ablation_curves.png, ablation_judge_curves.png,
-compute_curves.png, grids.png (each column titled with its prompt). The spread is the standard deviation over seeds (training randomness: prompt
-draws, noise, step choices; the evaluation noise and prompts are the same for every run).
+compute_curves.png, grids.png (each column titled with its prompt). The spread is the standard
+deviation over seeds (training randomness: prompt draws, noise, step choices; the evaluation noise
+and prompts are the same for every run).
 """
 from __future__ import annotations
 

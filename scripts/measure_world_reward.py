@@ -142,13 +142,14 @@ class Sampler:
         return torch.cat(out)
 
 
-def judge_report(reward, samples: torch.Tensor, prompts: list[str], true_scores: torch.Tensor) -> dict:
+def judge_report(sample_scores: torch.Tensor, samples: torch.Tensor, prompts: list[str],
+                 true_scores: torch.Tensor) -> dict:
     """The world judge's verdicts on the fine-tuned samples, split by whether the reward put the
     sample at or above its prompt's true render: tells a reward fooled by wrong images from a
     model that draws the prompt right (a sample may then fairly match a true render)."""
     from engine.world.judge import judge
 
-    won = (score(reward, samples, prompts) >= true_scores).numpy()
+    won = (sample_scores >= true_scores).numpy()
     res = judge(samples, prompts)
     part = lambda sel: {"n": int(sel.sum()), "judge_correct": float(res.correct[sel].mean()) if sel.any() else None,  # noqa: E731
                         "judge_score": float(res.score[sel].mean()) if sel.any() else None}
@@ -156,8 +157,8 @@ def judge_report(reward, samples: torch.Tensor, prompts: list[str], true_scores:
             "wrong_at_or_above_true": float((won & ~res.correct).mean())}
 
 
-def versus(reward, samples: torch.Tensor, prompts: list[str], true_scores: torch.Tensor) -> dict:
-    s = score(reward, samples, prompts)
+def versus(s: torch.Tensor, true_scores: torch.Tensor) -> dict:
+    """Reward of samples ``s`` against the true renders' of the same prompts."""
     return {"true_above_sample": float((true_scores > s).float().mean()), "sample_mean": float(s.mean()),
             "true_mean": float(true_scores.mean())}
 
@@ -246,7 +247,7 @@ def main() -> None:
     t0 = time.time()
     base = Sampler()
     base_te = base(test_s)
-    m["base"] = versus(reward, base_te, test_s, r_te)
+    m["base"] = versus(score(reward, base_te, test_s), r_te)
     log(f"base samples of {len(test_s)} test prompts ({time.time() - t0:.0f}s): {m['base']}")
     if args.collect:
         os.makedirs(args.collect, exist_ok=True)
@@ -264,9 +265,10 @@ def main() -> None:
         trainer, steps = finetune(args.reward, f, run, args.lam if args.lam is not None else lam, reuse)
         samp = Sampler(trainer)
         ft = samp(test_s)
-        m["hack"][f"{f}x"] = {"steps": steps, **versus(reward, ft, test_s, r_te)}
+        s_ft = score(reward, ft, test_s)
+        m["hack"][f"{f}x"] = {"steps": steps, **versus(s_ft, r_te)}
         if args.judge_report:
-            m["hack"][f"{f}x"]["judge"] = judge_report(reward, ft, test_s, r_te)
+            m["hack"][f"{f}x"]["judge"] = judge_report(s_ft, ft, test_s, r_te)
         log(f"hack check {f}x ({steps} steps): {m['hack'][f'{f}x']}")
         if args.collect:
             neg_p = subset(train, 512, args.seed + 10 + f)
@@ -308,9 +310,9 @@ def write_md(m: dict, path: str) -> None:
               "a sample the reward puts at or above its true render may be a right image, not an exploit.", "",
               "| run | samples at/above the true render | of them judged fully right | their judge score | "
               "samples below | judged fully right | wrong and at/above the true render |", "|---|---|---|---|---|---|---|"]
+        f3 = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
         for k, j in judged.items():
             a, b2 = j["at_or_above_true"], j["below_true"]
-            f3 = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
             L.append(f"| {k} | {a['n']} | {f3(a['judge_correct'])} | {f3(a['judge_score'])} | {b2['n']} | "
                      f"{f3(b2['judge_correct'])} | {j['wrong_at_or_above_true']:.3f} |")
     s = m["shift"]

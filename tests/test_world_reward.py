@@ -222,8 +222,9 @@ def test_measure_script_finetunes_with_its_lam(tmp_path):
     ps = ["a red circle", "two blue squares", "a green triangle left of a white square"]
     true = render_batch(ps, range(3))
     r = mod.score(reward, true, ps)
-    rep = mod.judge_report(reward, true, ps, r)   # a true render ties with itself: judged right
+    rep = mod.judge_report(r, true, ps, r)   # a true render ties with itself: judged right
     assert rep["at_or_above_true"] == {"n": 3, "judge_correct": 1.0, "judge_score": 1.0}
     assert rep["below_true"]["n"] == 0 and rep["wrong_at_or_above_true"] == 0.0
-    rep = mod.judge_report(reward, torch.zeros_like(true), ps, r)   # blank images: below, wrong
+    blank = torch.zeros_like(true)
+    rep = mod.judge_report(mod.score(reward, blank, ps), blank, ps, r)   # blank images: below, wrong
     assert rep["below_true"]["n"] == 3 and rep["below_true"]["judge_correct"] == 0.0
