@@ -51,11 +51,14 @@ ABLATIONS = {
     "leapalign no weighting": ("leapalign", {"alpha": 0.3, "weighting": False}),
     "leapalign late pairs": ("leapalign", {"alpha": 0.3, "pair_window": 8}),
 }
-# opt-in (--only "leapalign 3x calls"): over-optimisation, the reward's hack check at 3x the budget
-COMPUTE = {"leapalign 3x calls": ("leapalign", {"alpha": 0.3}, 3)}
-RUNS = {**MAIN, **ABLATIONS, **COMPUTE}
+# opt-in (--only "drtune 2x calls" ...): past the budget, where over-optimisation shows; the 3x
+# LeapAlign run is the reward's hack check. Their judge curves score every test prompt (not the
+# first N_CURVE) at the same spacing as the others', so they go on past the budget point by point.
+LONGER = {"leapalign 2x calls": ("leapalign", {"alpha": 0.3}, 2), "drtune 2x calls": ("drtune", {}, 2),
+          "leapalign 3x calls": ("leapalign", {"alpha": 0.3}, 3)}
+RUNS = {**MAIN, **ABLATIONS, **LONGER}
 N_TEST, N_TRAIN, N_GRID = 192, 64, 8
-N_CURVE, CURVE_POINTS = 64, 5   # the judge curves: the first 64 test prompts, 5 points per run
+N_CURVE, CURVE_POINTS = 64, 5   # the judge curves: the first 64 test prompts, every budget / 5 calls
 EVAL_SEED = 1234
 
 
@@ -119,20 +122,22 @@ def run_one(job: dict) -> dict:
 
     name, seed = job["name"], job["seed"]
     method, params, *factor = RUNS[name] if name != "base" else ("leapalign", {})
-    budget = job["budget"] * (factor[0] if factor else 1)
+    factor = factor[0] if factor else 1
+    budget = job["budget"] * factor
     section = method.replace("-", "_")
     overrides = [f"method.name={method}", f"method.{section}={json.dumps(params)}",
                  f"seed={seed}", f"output_dir={job['out']}/work/{_slug(name)}__s{seed}", "judge=true"]
     cfg = load_config(ROOT / "configs" / "world.yaml", overrides)
     tr = LeapTrainer(cfg)
     test, train = eval_sets()
-    curve_prompts = test[:N_CURVE]
+    curve_prompts = test if factor > 1 else test[:N_CURVE]
     calls, cpu, curve, judge_curve, at_time, final = 0, 0.0, [], [], None, {}
 
     def curve_point():
         ev, _ = tr.evaluate(curve_prompts, seed=EVAL_SEED)
         judge_curve.append({"calls": calls, "cpu_s": cpu, "step": tr.step_count, "judge": ev["judge"],
-                            "reward": ev["reward"]})
+                            "reward": ev["reward"], "n": ev["n"],
+                            "by_kind": {k: v["score"] for k, v in ev["judge_by_kind"].items()}})
 
     def score_final():
         final["test"], final["images"] = tr.evaluate(test, seed=EVAL_SEED)
@@ -143,7 +148,7 @@ def run_one(job: dict) -> dict:
         curve_point()
         score_final()
     else:
-        every = budget / CURVE_POINTS
+        every = job["budget"] / CURVE_POINTS
         while calls < budget or cpu < job["time_budget"]:
             # CPU seconds of this process's training alone (one thread): a measure of work that
             # other jobs on the machine do not inflate the way they inflate wall time
@@ -177,6 +182,35 @@ def run_one(job: dict) -> dict:
           f"test judge {res['test']['judge']:.4f} reward {res['test']['reward']:.3f}; train judge "
           f"{res['train']['judge']:.4f}" + (f"; at {job['time_budget']:.0f} CPU s: {at_time['calls']} calls, "
                                              f"test judge {at_time['test']['judge']:.4f}" if at_time else ""), flush=True)
+    return res
+
+
+def eval_noise(out: Path, n: int = 4, threads: int = 1) -> dict:
+    """How far the test judge of one fixed model moves with the evaluation noise alone: the base
+    model scored on the same test prompts from ``n`` noise seeds (EVAL_SEED + i). For scale
+    against the seed spreads: every trained run draws its own samples, so the spreads carry part
+    of this noise, which more training seeds do not shrink (more prompts or noises per evaluation
+    would). Writes eval_noise.json in ``out``."""
+    import torch
+
+    path = out / "eval_noise.json"
+    if path.exists():
+        res = json.loads(path.read_text())
+        if res["start"] == start_fingerprint() and len(res["judge"]) == n and res["prompts"] == N_TEST:
+            return res
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    from engine.config import load_config
+    from engine.trainer import LeapTrainer
+
+    tr = LeapTrainer(load_config(ROOT / "configs" / "world.yaml", [f"output_dir={out}/work/eval_noise", "judge=true"]))
+    test, _ = eval_sets()
+    judge = [tr.evaluate(test, seed=EVAL_SEED + i)[0]["judge"] for i in range(n)]
+    res = {"start": start_fingerprint(), "prompts": len(test), "seeds": [EVAL_SEED + i for i in range(n)],
+           "judge": judge, "std": float(np.std(judge, ddof=1))}
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=2))
+    print(f"[study] evaluation noise: base test judge {_ms(judge)} over {n} noise seeds", flush=True)
     return res
 
 
@@ -274,10 +308,16 @@ def summarize(out: Path, names: list[str], edit_pairs: int = 200, start: str | N
                          f"{int(np.mean([t['calls'] for t in ts]))} | {_ms(tg('judge'))} | "
                          f"{_ms(tg('judge_accuracy'))} | {_ms(tg('reward'))} |")
     table += _versus(rows)
+    noise = out / "eval_noise.json"
+    if noise.exists() and (start is None or json.loads(noise.read_text())["start"] == start):
+        nz = json.loads(noise.read_text())
+        rows["_eval_noise"] = nz
+        table += ["", f"Evaluation noise alone (`--eval-noise`): the base model's test judge from {len(nz['judge'])} "
+                      f"noise seeds on the same {nz['prompts']} prompts: {_ms(nz['judge'])}."]
     kinds = ["single", "count", "pair", "relation", "overall"]
     table += ["", "Test judge score by prompt kind (mean over seeds):", "",
               "| run | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
-    for name, row in rows.items():
+    for name, row in ((n, r) for n, r in rows.items() if not n.startswith("_")):
         table.append(f"| {name} | " + " | ".join(f"{row['by_kind_test'].get(k, float('nan')):.3f}" for k in kinds) + " |")
     if runs:
         trained = [r for r in runs if r["name"] != "base"]
@@ -294,12 +334,55 @@ def summarize(out: Path, names: list[str], edit_pairs: int = 200, start: str | N
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     _curves(by, [n for n in ["refl", "draft-lv", "drtune", "full", "leapalign"] if n in by], out / "curves.png")
     _curves(by, [n for n in ["leapalign", *ABLATIONS] if n in by], out / "ablation_curves.png")
-    _curves(by, [n for n in ["full", "draft-lv", "leapalign", *COMPUTE] if n in by], out / "compute_curves.png")
+    _curves(by, [n for n in ["full", "draft-lv", "leapalign", *LONGER] if n in by], out / "compute_curves.png")
     _judge_curves(by, [n for n in ["refl", "draft-lv", "drtune", "full", "leapalign"] if n in by],
                   out / "judge_curves.png")
     _judge_curves(by, [n for n in ["leapalign", *ABLATIONS] if n in by], out / "ablation_judge_curves.png")
     _grids(by, [n for n in ["base", *MAIN] if n in by], out / "grids.png")
+    longer = [n for n in LONGER if n in by]
+    if longer:
+        lines, rows["_longer"] = _longer(by, longer, out / "longer_judge_curves.png")
+        (out / "table.md").write_text("\n".join(table + lines) + "\n")
+        (out / "results.json").write_text(json.dumps(rows, indent=2))
     return rows
+
+
+def _longer(by: dict, names: list[str], path: Path) -> tuple[list[str], dict]:
+    """The opt-in longer runs: the judge on every test prompt at each curve point (every budget / 5
+    calls, past the budget), mean and spread over seeds, as a table and a figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = by["base"][0]["test"]["judge"] if "base" in by else None
+    data, lines = {}, ["", "Longer runs (opt-in): test judge on all test prompts against model evaluations, mean +- "
+                           "standard deviation over seeds" + (f"; base {base:.3f}" if base is not None else "") + ":", ""]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for name in names:
+        pts = [r["judge_curve"] for r in by[name]]
+        n = min(len(p) for p in pts)
+        calls = np.mean([[q["calls"] for q in p[:n]] for p in pts], 0)
+        y = np.asarray([[q["judge"] for q in p[:n]] for p in pts])
+        steps = np.mean([[q["step"] for q in p[:n]] for p in pts], 0)
+        data[name] = {"calls": calls.tolist(), "steps": steps.tolist(), "judge": y.tolist()}
+        lines += [f"| {name} ({len(pts)} seeds) | " + " | ".join(f"{c:.0f} calls, {st:.0f} steps" for c, st in
+                                                                zip(calls, steps)) + " |",
+                  "|---" * (n + 1) + "|",
+                  "| test judge | " + " | ".join(_ms(y[:, i]) for i in range(n)) + " |", ""]
+        x, m = ([0.0, *calls], [base, *y.mean(0)]) if base is not None else (calls, y.mean(0))
+        ax.plot(x, m, marker="o", ms=3, label=name)
+        if len(y) > 1:
+            sd = y.std(0, ddof=1)
+            ax.fill_between(calls, y.mean(0) - sd, y.mean(0) + sd, alpha=0.15)
+    ax.set_xlabel("model evaluations (batch forward passes)")
+    ax.set_ylabel(f"held-out judge ({N_TEST} test prompts, T = 50)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return lines, data
 
 
 def _versus(rows: dict) -> list[str]:
@@ -428,8 +511,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--only", nargs="*", default=None, help="run names (default: base + all)")
+    ap.add_argument("--eval-noise", type=int, default=0, metavar="N",
+                    help="also score the base model from N evaluation noise seeds (the judge's noise floor)")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.eval_noise:
+        eval_noise(out, args.eval_noise, args.threads)
     if args.budget is None:
         from engine.config import load_config
 
@@ -443,8 +530,8 @@ def main() -> None:
     jobs = []
     for name in names:
         n_seeds = 1 if name == "base" else args.ablation_seeds if name in ABLATIONS else args.seeds
-        if name in COMPUTE and args.only is None:
-            continue   # opt-in (--only "leapalign 3x calls"): not part of the equal-calls comparison
+        if name in LONGER and args.only is None:
+            continue   # opt-in (--only "drtune 2x calls"): not part of the equal-calls comparison
         for seed in range(n_seeds):
             job = {"name": name, "seed": seed, "budget": args.budget, "out": str(out),
                    "time_budget": args.time_budget, "threads": args.threads, "start": start}

@@ -57,11 +57,24 @@ def test_study_runs_and_summarizes(tmp_path, monkeypatch, restore_torch_settings
     assert not study._current(res, {**job, "start": "0" * 16}) and not study._current(res, {**job, "budget": 31})
     with pytest.raises(ValueError, match="no runs to summarize .* made from start 0000000000000000"):
         study.summarize(tmp_path, ["base", "leapalign"], edit_pairs=4, start="0" * 16)
-    rows = study.summarize(tmp_path, ["base", "leapalign"], edit_pairs=4, start=job["start"])
-    assert {"base", "leapalign", "_reward_by_edit"} <= set(rows)
+    # a longer run goes on past the budget (2x), its judge curve on every test prompt, every budget / 5 calls
+    long = study.run_one({"name": "leapalign 2x calls", "seed": 0, "budget": 50, "out": str(tmp_path), "threads": 1,
+                          "time_budget": 1e-3, "start": job["start"]})
+    assert long["steps"] == 4 and long["model_calls"] == 100
+    assert [p["calls"] for p in long["judge_curve"]] == [25, 50, 75, 100]
+    assert all(p["n"] == 6 and set(p["by_kind"]) >= {"overall"} for p in long["judge_curve"])
+    noise = study.eval_noise(tmp_path, 2)
+    assert noise["seeds"] == [study.EVAL_SEED, study.EVAL_SEED + 1] and len(noise["judge"]) == 2
+    # the first noise seed is the one every run is scored with
+    base = json.loads((tmp_path / "runs" / "base__s0.json").read_text())
+    assert noise["judge"][0] == pytest.approx(base["test"]["judge"])
+    rows = study.summarize(tmp_path, ["base", "leapalign", "leapalign 2x calls"], edit_pairs=4, start=job["start"])
+    assert {"base", "leapalign", "_reward_by_edit", "_longer", "_eval_noise"} <= set(rows)
+    assert rows["_longer"]["leapalign 2x calls"]["calls"] == [25, 50, 75, 100]
     table = (tmp_path / "table.md").read_text()
     assert "| leapalign | 1 | 2 |" in table and "At equal compute" in table and "| leapalign | 1 | 1 | 25 |" in table
-    for png in ("curves.png", "judge_curves.png", "grids.png"):
+    assert "| leapalign 2x calls (1 seeds) | 25 calls, 1 steps |" in table and "Evaluation noise alone" in table
+    for png in ("curves.png", "judge_curves.png", "grids.png", "longer_judge_curves.png"):
         assert (tmp_path / png).is_file()
 
 
