@@ -12,15 +12,17 @@ Each run is scored on fixed noise with T = 50 by the reward and by the held-out 
 training prompts at the call budget, test prompts at the time budget, and the judge on the first
 64 test prompts at 5 points along the way (the judge curves). The judge never selects anything.
 
-  python bench/study.py                       # everything, 3 seeds, 2 worker processes
+  python bench/study.py                       # everything, 5 seeds (2 per ablation), 2 worker processes
   python bench/study.py --only leapalign refl --seeds 1 --budget 500   # a quick look
+  python bench/study.py --only "leapalign 2x calls" "drtune 2x calls" --eval-noise 4   # past the budget;
+                                              # the judge's noise floor
 
 Outputs in --out (default bench/results/study): runs/<name>__s<seed>.json (one per run; a run
 already there from the same start model, reward, config and budgets is not redone), results.json,
 table.md, curves.png (reward), judge_curves.png, ablation_curves.png, ablation_judge_curves.png,
-compute_curves.png, grids.png (each column titled with its prompt). The spread is the standard
-deviation over seeds (training randomness: prompt draws, noise, step choices; the evaluation noise
-and prompts are the same for every run).
+compute_curves.png, grids.png (each column titled with its prompt), longer_judge_curves.png,
+eval_noise.json. The spread is the standard deviation over seeds (training randomness: prompt
+draws, noise, step choices; the evaluation noise and prompts are the same for every run).
 """
 from __future__ import annotations
 
@@ -156,7 +158,7 @@ def run_one(job: dict) -> dict:
             m = tr.step()
             cpu += time.process_time() - c0
             before, calls = calls, calls + m["model_calls"]
-            curve.append((calls, m["reward"]))
+            curve.append((calls, m["reward"], m["past_lam"]))
             if at_time is None and cpu >= job["time_budget"]:
                 ev, _ = tr.evaluate(test, seed=EVAL_SEED)
                 at_time = {"calls": calls, "cpu_s": cpu, "steps": tr.step_count, "test": ev}
@@ -501,7 +503,7 @@ def _grids(by: dict, names: list[str], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "study"))
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--budget", type=int, default=None,
                     help="model evaluations per run (default: the default job's, configs/world.yaml steps x T)")
     ap.add_argument("--time-budget", type=float, default=150.0,

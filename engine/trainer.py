@@ -172,6 +172,8 @@ class LeapTrainer:
                 loss_val, reward_val = float(out.loss.detach()), out.reward.float().cpu()
                 losses.append(loss_val)
                 rewards.append(reward_val)
+                # the share of samples the clip guard has stopped pushing: relu(lam - r) is 0 there
+                per_sample.setdefault("past_lam", []).append((reward_val >= self.method.lam).float())
                 calls += out.model_calls
                 for key, val in out.metrics.items():
                     if torch.is_tensor(val):

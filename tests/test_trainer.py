@@ -102,12 +102,20 @@ def test_training_moves_weights_and_logs(tmp_path):
     assert summary["steps"] == 4 and summary["skipped"] == 0
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert len(rows) == 4
-    for key in ("loss", "reward", "d_j", "d_0", "weight", "k", "j", "grad_norm", "step_time_s", "peak_mem_bytes"):
+    for key in ("loss", "reward", "d_j", "d_0", "weight", "k", "j", "grad_norm", "step_time_s", "peak_mem_bytes",
+                "past_lam"):
         assert all(key in r for r in rows), key
     assert all(0 <= r["k"] < r["j"] < 4 for r in rows)
+    assert all(r["past_lam"] in (0, 0.5, 1) for r in rows)   # batch 2
     for name in ("samples_before.png", "samples_after.png", "reward_curve.png", "checkpoint.safetensors"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert any(not torch.equal(before[n], p) for n, p in t.params.items())
+
+
+@pytest.mark.parametrize("lam, past", [(-1e6, 1.0), (1e6, 0.0)])
+def test_past_lam_is_the_share_the_guard_stopped(tmp_path, lam, past):
+    m = LeapTrainer(cfg(tmp_path, "steps=1", f"method.lam={lam}")).step()
+    assert m["past_lam"] == past and (m["loss"] == 0) == (past == 1.0)
 
 
 def test_lora_trains_only_adapters(tmp_path):
