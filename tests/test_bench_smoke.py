@@ -184,3 +184,31 @@ def test_aot_report_smoke(gpu_suite_dry_run):
         assert _finite(r["registers"], "registers") > 0 and r["spill_stores"] == r["spill_loads"] == 0
         assert _finite(r["ideal_us_H100"], "ideal") > _finite(r["ideal_us_H200"], "ideal") > 0
     assert "| gelu_tanh | fwd |" in (out / "triton_aot.md").read_text()
+
+
+def test_gradient_fidelity_against_full_backprop(tmp_path, monkeypatch, restore_torch_settings):
+    """bench/gradient_fidelity.py at a toy size: full backprop against itself is 1 on every draw;
+    the estimators give a cosine in [-1, 1] per draw and of the mean."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gradient_fidelity as gf
+
+    monkeypatch.setitem(gf.ESTIMATORS, "full", ("full", {}))
+    res = gf.measure(batches=2, draws=2, names=["full", "leapalign", "drtune"],
+                     overrides=["num_steps=4", "batch_size=2", "method.lam=100"], work=tmp_path)
+    assert res["batches"] == 2 and len(res["per_draw"]["leapalign"]["values"]) == 4
+    assert res["per_draw"]["full"]["values"] == pytest.approx([1.0] * 4, abs=1e-9)
+    for n in ("leapalign", "drtune"):
+        assert all(-1 <= c <= 1 for c in res["per_draw"][n]["values"] + res["of_mean"][n]["values"])
+    assert "| leapalign |" in gf.table(res) and "the shipped world model" in gf.table(res)
+    # at a training checkpoint (the engine's own format, validated on load)
+    from engine.config import load_config
+    from engine.trainer import LeapTrainer
+
+    small = ["num_steps=4", "batch_size=2", "method.lam=100", f"output_dir={tmp_path / 'train'}", "optim.lr=1e-2"]
+    tr = LeapTrainer(load_config(ROOT / "configs" / "world.yaml", small))
+    tr.step()
+    tr.save_checkpoint(tmp_path / "ckpt.safetensors")
+    res2 = gf.measure(batches=1, draws=1, names=["full"], overrides=small[:3], work=tmp_path,
+                      checkpoint=str(tmp_path / "ckpt.safetensors"))
+    assert res2["per_draw"]["full"]["values"] == pytest.approx([1.0], abs=1e-9)
+    assert "ckpt.safetensors" in gf.table(res2)

@@ -1,0 +1,145 @@
+"""How close each method's gradient is to the true one, apart from what the reward is worth.
+
+On the shipped world model and configs/world.yaml (its reward, lam, T), for fixed batches of
+training prompts and noise: the gradient of relu(lam - r(x_0)) through the whole trajectory
+(full backprop: the gradient every estimator stands in for) against each method's estimate from
+the same batch, as cosine similarity over all trainable parameters:
+  - per draw: one estimate (one k, j pair / stop step / re-noising), bias and variance together,
+    what one update sees;
+  - of the mean of the draws: mostly what is left of the bias.
+ReFL, DRTune and DRaFT-LV are biased by design (they score a one-step prediction, stop
+gradients or re-noise); LeapAlign's consistency weighting reweights samples on purpose, so its
+"no weighting" variant is listed too. The judge plays no part: this measures the estimators, the
+study measures whether climbing the reward helps.
+
+  python bench/gradient_fidelity.py --out bench/results/study            # 8 batches x 4 draws
+  python bench/gradient_fidelity.py --out bench/results/study --checkpoint runs/world/checkpoint.safetensors \
+      --name gradient_fidelity_trained                                     # after the default job
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ESTIMATORS = {
+    "refl": ("refl", {}),
+    "draft-lv": ("draft-lv", {}),
+    "drtune": ("drtune", {}),
+    "leapalign": ("leapalign", {"alpha": 0.3}),
+    "leapalign alpha=0": ("leapalign", {"alpha": 0.0}),
+    "leapalign alpha=1": ("leapalign", {"alpha": 1.0}),
+    "leapalign no weighting": ("leapalign", {"alpha": 0.3, "weighting": False}),
+}
+
+
+def _grad(tr, method, cond, prompts, x1, generator) -> tuple:
+    import torch
+
+    for p in tr.params.values():
+        p.grad = None
+    choices = method.draw(tr.cfg.num_steps, generator, x1)
+    with tr.autocast():
+        out = method.loss(tr._train_adapter.velocity_fn(cond), tr.reward_fn(prompts), x1, tr.sigmas, **choices)
+    out.loss.backward()
+    g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double()
+                   for p in tr.params.values()])
+    return g, float(out.loss)
+
+
+def _cos(a, b) -> float:
+    import torch
+
+    n = float(a.norm() * b.norm())
+    return float(torch.dot(a, b)) / n if n > 0 else float("nan")
+
+
+def measure(batches: int = 8, draws: int = 4, seed: int = 0, names: list[str] | None = None,
+            overrides: list[str] = (), work: Path | None = None, checkpoint: str | None = None) -> dict:
+    import torch
+
+    from engine.config import load_config
+    from engine.methods import make_method
+    from engine.trainer import LeapTrainer
+
+    names = list(ESTIMATORS) if names is None else names
+    work = work or ROOT / "runs" / "gradient_fidelity"
+    cfg = load_config(ROOT / "configs" / "world.yaml", [f"output_dir={work}", *overrides])
+    tr = LeapTrainer(cfg)
+    if checkpoint:
+        tr.load_checkpoint(checkpoint)   # the raw weights, the ones training takes gradients of
+    methods = {n: make_method(ESTIMATORS[n][0], lam=cfg.method.lam, **ESTIMATORS[n][1]) for n in names}
+    full = make_method("full", lam=cfg.method.lam)
+    per_draw = {n: [] for n in names}
+    of_mean = {n: [] for n in names}
+    skipped = 0
+    gen = torch.Generator().manual_seed(seed)
+    for b in range(batches):
+        idx = torch.randint(len(tr.prompts), (cfg.batch_size,), generator=gen).tolist()
+        prompts = [tr.prompts[i] for i in idx]
+        x1 = tr.adapter.noise(cfg.batch_size, cfg.model.height, cfg.model.width, generator=gen, device=tr.device)
+        cond = tr.condition(prompts)
+        g_full, loss = _grad(tr, full, cond, prompts, x1, gen)
+        if loss == 0:   # every sample past lam: no gradient to compare with
+            skipped += 1
+            continue
+        for n, m in methods.items():
+            mg = torch.Generator().manual_seed(seed * 1000 + b)
+            gs = [_grad(tr, m, cond, prompts, x1, mg)[0] for _ in range(draws)]
+            per_draw[n] += [_cos(g, g_full) for g in gs]
+            of_mean[n].append(_cos(torch.stack(gs).mean(0), g_full))
+    for p in tr.params.values():
+        p.grad = None
+    stat = lambda v: {"mean": float(np.nanmean(v)), "std": float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0,  # noqa: E731
+                      "values": v}
+    return {"batches": batches - skipped, "draws": draws, "seed": seed, "lam": cfg.method.lam, "checkpoint": checkpoint,
+            "num_steps": cfg.num_steps, "batch_size": cfg.batch_size,
+            "per_draw": {n: stat(v) for n, v in per_draw.items()},
+            "of_mean": {n: stat(v) for n, v in of_mean.items()}}
+
+
+def table(res: dict) -> str:
+    at = f"the checkpoint {res['checkpoint']}" if res.get("checkpoint") else "the shipped world model"
+    lines = [f"At {at}: cosine similarity with the full-backprop gradient of relu(lam - r(x_0)) (lam {res['lam']}), "
+             f"{res['batches']} batches of {res['batch_size']} training prompts, T = {res['num_steps']}, "
+             f"{res['draws']} draws each; mean +- standard deviation over batches (per draw: over every draw):", "",
+             "| estimator | per draw | mean of the draws |", "|---|---|---|"]
+    for n in res["per_draw"]:
+        a, b = res["per_draw"][n], res["of_mean"][n]
+        lines.append(f"| {n} | {a['mean']:.3f} ± {a['std']:.3f} | {b['mean']:.3f} ± {b['std']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    import torch
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "study"))
+    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--draws", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--checkpoint", default=None, help="a training checkpoint to measure at (default: the start)")
+    ap.add_argument("--name", default="gradient_fidelity", help="output file stem in --out")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)   # black backgrounds: denormal activations are slow on CPU
+    out = Path(args.out)
+    t0 = time.time()
+    res = measure(args.batches, args.draws, args.seed, work=out / "work" / args.name, checkpoint=args.checkpoint)
+    res["wall_s"] = time.time() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(res, indent=2))
+    (out / f"{args.name}.md").write_text(table(res))
+    print(table(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()
