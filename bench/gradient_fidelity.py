@@ -51,7 +51,7 @@ def _grad(tr, method, cond, prompts, x1, generator) -> tuple:
     out.loss.backward()
     g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double()
                    for p in tr.params.values()])
-    return g, float(out.loss)
+    return g, float(out.loss.detach())
 
 
 def _cos(a, b) -> float:
@@ -110,10 +110,17 @@ def table(res: dict) -> str:
     lines = [f"At {at}: cosine similarity with the full-backprop gradient of relu(lam - r(x_0)) (lam {res['lam']}), "
              f"{res['batches']} batches of {res['batch_size']} training prompts, T = {res['num_steps']}, "
              f"{res['draws']} draws each; mean +- standard deviation over batches (per draw: over every draw):", "",
-             "| estimator | per draw | mean of the draws |", "|---|---|---|"]
+             "| estimator | per draw | mean of the draws | LeapAlign's mean of the draws minus this one, "
+             "paired over batches (± standard error) | batches where LeapAlign's is closer |", "|---|---|---|---|---|"]
+    la = np.asarray(res["of_mean"].get("leapalign", {}).get("values", []), dtype=float)
     for n in res["per_draw"]:
         a, b = res["per_draw"][n], res["of_mean"][n]
-        lines.append(f"| {n} | {a['mean']:.3f} ± {a['std']:.3f} | {b['mean']:.3f} ± {b['std']:.3f} |")
+        paired = ["", ""]
+        if len(la) > 1 and n != "leapalign":
+            d = la - np.asarray(b["values"], dtype=float)
+            paired = [f"{d.mean():+.3f} ± {d.std(ddof=1) / np.sqrt(len(d)):.3f}", f"{int((d > 0).sum())} of {len(d)}"]
+        lines.append(f"| {n} | {a['mean']:.3f} ± {a['std']:.3f} | {b['mean']:.3f} ± {b['std']:.3f} | "
+                     + " | ".join(paired) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -293,7 +293,8 @@ def summarize(out: Path, names: list[str], edit_pairs: int = 200, start: str | N
                      f"{_ms(g('test', 'judge_accuracy'))} | {_ms(g('test', 'reward'))} | {_ms(g('train', 'judge'))} | "
                      f"{_ms(g('train', 'reward'))} | {np.mean([r['train_cpu_seconds'] for r in rs]):.0f} |")
     base_judge = by["base"][0]["test"]["judge"] if "base" in by else float("nan")
-    timed = [n for n in names if any(r.get("at_time") for r in by.get(n, []))]
+    # the longer runs continue the main runs' trajectories (same seeds): their time point would repeat those rows
+    timed = [n for n in names if n not in LONGER and any(r.get("at_time") for r in by.get(n, []))]
     if timed:
         w = by[timed[0]][0]["time_budget"]
         table += ["", f"At equal compute: {w:.0f} CPU seconds of training per run (one thread; the process's own "
@@ -317,8 +318,10 @@ def summarize(out: Path, names: list[str], edit_pairs: int = 200, start: str | N
         table += ["", f"Evaluation noise alone (`--eval-noise`): the base model's test judge from {len(nz['judge'])} "
                       f"noise seeds on the same {nz['prompts']} prompts: {_ms(nz['judge'])}."]
     kinds = ["single", "count", "pair", "relation", "overall"]
-    table += ["", "Test judge score by prompt kind (mean over seeds):", "",
-              "| run | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    count = runs[0]["test"]["judge_by_kind"]   # the same test prompts for every run
+    table += ["", "Test judge score by prompt kind (mean over seeds; n: test prompts of that kind):", "",
+              "| run | " + " | ".join(f"{k} (n={count[k]['n']})" if k in count else k for k in kinds) + " |",
+              "|---|" + "---|" * len(kinds)]
     for name, row in ((n, r) for n, r in rows.items() if not n.startswith("_")):
         table.append(f"| {name} | " + " | ".join(f"{row['by_kind_test'].get(k, float('nan')):.3f}" for k in kinds) + " |")
     if runs:

@@ -200,6 +200,7 @@ def test_gradient_fidelity_against_full_backprop(tmp_path, monkeypatch, restore_
     for n in ("leapalign", "drtune"):
         assert all(-1 <= c <= 1 for c in res["per_draw"][n]["values"] + res["of_mean"][n]["values"])
     assert "| leapalign |" in gf.table(res) and "the shipped world model" in gf.table(res)
+    assert "| 0 of 2 |" in gf.table(res) or "| 1 of 2 |" in gf.table(res) or "| 2 of 2 |" in gf.table(res)   # drtune, paired
     # at a training checkpoint (the engine's own format, validated on load)
     from engine.config import load_config
     from engine.trainer import LeapTrainer
