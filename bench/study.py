@@ -380,14 +380,21 @@ def _longer(by: dict, names: list[str], path: Path) -> tuple[list[str], dict]:
         if len(y) > 1:
             sd = y.std(0, ddof=1)
             ax.fill_between(calls, y.mean(0) - sd, y.mean(0) + sd, alpha=0.15)
+    _save_axes(fig, ax, f"held-out judge ({N_TEST} test prompts, T = 50)", path)
+    return lines, data
+
+
+def _save_axes(fig, ax, ylabel: str, path: Path) -> None:
+    """The line figures' common finish: model evaluations on x, a grid, the legend, saved and closed."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel("model evaluations (batch forward passes)")
-    ax.set_ylabel(f"held-out judge ({N_TEST} test prompts, T = 50)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    return lines, data
 
 
 def _versus(rows: dict) -> list[str]:
@@ -438,13 +445,7 @@ def _curves(by: dict, names: list[str], path: Path, window: int = 15) -> None:
         if len(ys) > 1:
             sd = np.nanstd(ys, 0)
             ax.fill_between(grid, mean - sd, mean + sd, alpha=0.15)
-    ax.set_xlabel("model evaluations (batch forward passes)")
-    ax.set_ylabel(f"training reward (moving mean of {window} steps)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save_axes(fig, ax, f"training reward (moving mean of {window} steps)", path)
 
 
 def _judge_curves(by: dict, names: list[str], path: Path) -> None:
