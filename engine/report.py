@@ -2,10 +2,26 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+
+class RunLog:
+    """A script's log: each line printed with a UTC time stamp and, once ``path`` is set, appended
+    there too (the world scripts keep theirs beside the weights they made)."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = path
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}] {msg}"
+        print(line, flush=True)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,

@@ -36,21 +36,15 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from engine.report import RunLog  # noqa: E402
 from engine.rewards.world import WorldReward  # noqa: E402
 from engine.world import caption, parse, render, test_prompts, train_prompts  # noqa: E402
 from engine.world.pairs import EDITS, applicable, perturb  # noqa: E402
 from engine.world.reward import REWARD_DIR  # noqa: E402
 
-LOG = None
+log = RunLog()
 TARGETS = {"pair": 0.90, "base": 0.90, "hack": 0.80, "shift": 0.5}
 
-
-def log(msg: str) -> None:
-    line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
-    print(line, flush=True)
-    if LOG is not None:
-        with open(LOG, "a") as f:
-            f.write(line + "\n")
 
 
 def subset(pool: list[str], n: int, seed: int) -> list[str]:
@@ -195,7 +189,6 @@ def finetune(reward_dir: str, steps_factor: int, out_dir: str, lam: float | None
 
 
 def main() -> None:
-    global LOG
     ap = argparse.ArgumentParser()
     ap.add_argument("--reward", default=REWARD_DIR)
     ap.add_argument("--out", default="", help="report folder (default: the reward's folder)")
@@ -214,7 +207,7 @@ def main() -> None:
     args = ap.parse_args()
     out = args.out or args.reward
     os.makedirs(out, exist_ok=True)
-    LOG = os.path.join(out, "metrics_log.txt")
+    log.path = os.path.join(out, "metrics_log.txt")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)

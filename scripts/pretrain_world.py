@@ -58,20 +58,14 @@ sys.path.insert(0, ROOT)
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
 
+from engine.report import RunLog  # noqa: E402
 from engine.world import all_prompts, render_batch, test_prompts, train_prompts  # noqa: E402
 
 SIZE = 64
 GUIDANCE = 3.5
 
-LOG_FILE = None
+log = RunLog()
 
-
-def log(msg: str) -> None:
-    line = f"[{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}] {msg}"
-    print(line, flush=True)
-    if LOG_FILE:
-        with open(LOG_FILE, "a") as f:
-            f.write(line + "\n")
 
 
 def vae_config() -> dict:
@@ -464,7 +458,6 @@ def save_grid(grid, path: str) -> None:
 
 
 def main() -> None:
-    global LOG_FILE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=["vae", "flux", "eval", "all"], default="all")
     ap.add_argument("--out", default=os.path.join(ROOT, "engine", "world", "weights"))
@@ -492,7 +485,7 @@ def main() -> None:
     torch.set_flush_denormal(True)  # the black backgrounds make denormals: 2-3x slower convs on CPU
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
-    LOG_FILE = os.path.join(args.out, "train_log.txt")
+    log.path = os.path.join(args.out, "train_log.txt")
     log(f"=== pretrain_world.py {' '.join(sys.argv[1:])} (torch {torch.__version__}, threads {args.threads})")
     stages = ["vae", "flux", "eval"] if args.stage == "all" else [args.stage]
     for s in stages:

@@ -49,24 +49,18 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from engine.report import RunLog  # noqa: E402
 from engine.world import COLOURS, SHAPES, caption, parse, train_prompts  # noqa: E402
 from engine.world.pairs import EDITS, perturb  # noqa: E402
 from engine.world.reward import (REWARD_DIR, RewardNetConfig, WorldRewardNet, encode_prompts,  # noqa: E402
                                  save_reward_net)
 from engine.world.scene import layout, render_objects  # noqa: E402
 
-LOG = None
+log = RunLog()
 EDIT_WEIGHTS = {"colour": 1.0, "shape": 1.5, "count": 3.0, "relation": 3.0, "drop": 1.0, "add": 1.0}
 _C = {c: i for i, c in enumerate(COLOURS)}
 _S = {s: i for i, s in enumerate(SHAPES)}
 
-
-def log(msg: str) -> None:
-    line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
-    print(line, flush=True)
-    if LOG is not None:
-        with open(LOG, "a") as f:
-            f.write(line + "\n")
 
 
 def render_with_layout(spec, seed: int):
@@ -251,7 +245,6 @@ def pair_accuracy(net, images_u8, caps, kinds, batch: int = 64) -> dict:
 
 
 def main() -> None:
-    global LOG
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=REWARD_DIR)
     ap.add_argument("--steps", type=int, default=700)
@@ -270,7 +263,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    LOG = os.path.join(args.out, "train_log.txt")
+    log.path = os.path.join(args.out, "train_log.txt")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)   # black backgrounds make the VAE's activations denormal on CPU

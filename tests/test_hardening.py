@@ -3,6 +3,7 @@ gets a test here: bad input is refused with one clear line, saved state is never
 the README's commands work for every model source."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -347,3 +348,17 @@ def test_checkpoint_written_elsewhere_loads(world_runs, tmp_path):
     c, _ = ckpt.read_config(moved)
     adapter = build.build_trainable(c, torch.device("cpu"), load_vae=False)
     ckpt.load_weights(moved, adapter.transformer)
+
+
+def test_run_log_prints_and_appends_once_its_path_is_set(tmp_path, capsys):
+    from engine.report import RunLog
+
+    log = RunLog()
+    log("before")                       # no file yet: printed only
+    log.path = tmp_path / "log.txt"
+    log("one")
+    log("two")
+    printed = capsys.readouterr().out.splitlines()
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    assert [p.split("] ", 1)[1] for p in printed] == ["before", "one", "two"]
+    assert lines == printed[1:] and all(re.fullmatch(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] \w+", x) for x in lines)
