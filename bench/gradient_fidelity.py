@@ -28,16 +28,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-ESTIMATORS = {
-    "refl": ("refl", {}),
-    "draft-lv": ("draft-lv", {}),
-    "drtune": ("drtune", {}),
-    "leapalign": ("leapalign", {"alpha": 0.3}),
-    "leapalign alpha=0": ("leapalign", {"alpha": 0.0}),
-    "leapalign alpha=1": ("leapalign", {"alpha": 1.0}),
-    "leapalign no weighting": ("leapalign", {"alpha": 0.3, "weighting": False}),
-}
+from study import RUNS  # noqa: E402  (bench/: the study's run names and their method parameters)
+
+ESTIMATORS = {n: RUNS[n][:2] for n in ("refl", "draft-lv", "drtune", "leapalign", "leapalign alpha=0",
+                                       "leapalign alpha=1", "leapalign no weighting")}
 
 
 def _grad(tr, method, cond, prompts, x1, generator) -> tuple:

@@ -335,6 +335,10 @@ def summarize(out: Path, names: list[str], edit_pairs: int = 200, start: str | N
                   "| " + " | ".join(f"{v:.2f}" for v in acc.values()) + " |"]
         rows["_reward_by_edit"] = acc
         rows["_train_reward_vs_test_judge_pearson"] = float(rho)
+    longer = [n for n in LONGER if n in by]
+    if longer:
+        lines, rows["_longer"] = _longer(by, longer, out / "longer_judge_curves.png")
+        table += lines
     (out / "table.md").write_text("\n".join(table) + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     _curves(by, [n for n in ["refl", "draft-lv", "drtune", "full", "leapalign"] if n in by], out / "curves.png")
@@ -344,11 +348,6 @@ def summarize(out: Path, names: list[str], edit_pairs: int = 200, start: str | N
                   out / "judge_curves.png")
     _judge_curves(by, [n for n in ["leapalign", *ABLATIONS] if n in by], out / "ablation_judge_curves.png")
     _grids(by, [n for n in ["base", *MAIN] if n in by], out / "grids.png")
-    longer = [n for n in LONGER if n in by]
-    if longer:
-        lines, rows["_longer"] = _longer(by, longer, out / "longer_judge_curves.png")
-        (out / "table.md").write_text("\n".join(table + lines) + "\n")
-        (out / "results.json").write_text(json.dumps(rows, indent=2))
     return rows
 
 

@@ -46,7 +46,6 @@ log = RunLog()
 TARGETS = {"pair": 0.90, "base": 0.90, "hack": 0.80, "shift": 0.5}
 
 
-
 def subset(pool: list[str], n: int, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
     return [pool[i] for i in sorted(rng.choice(len(pool), min(n, len(pool)), replace=False))]

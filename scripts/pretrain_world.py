@@ -67,7 +67,6 @@ GUIDANCE = 3.5
 log = RunLog()
 
 
-
 def vae_config() -> dict:
     return dict(
         in_channels=3, out_channels=3,

@@ -62,7 +62,6 @@ _C = {c: i for i, c in enumerate(COLOURS)}
 _S = {s: i for i, s in enumerate(SHAPES)}
 
 
-
 def render_with_layout(spec, seed: int):
     objs = layout(spec, seed)
     img = render_objects(objs)
