@@ -46,6 +46,14 @@ log = RunLog()
 TARGETS = {"pair": 0.90, "base": 0.90, "hack": 0.80, "shift": 0.5}
 
 
+def weights_sha256(reward_dir: str) -> str:
+    """Ties a report to the weights it measured (a copied report of other weights fails the tests)."""
+    import hashlib
+
+    with open(os.path.join(reward_dir, "model.safetensors"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def subset(pool: list[str], n: int, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
     return [pool[i] for i in sorted(rng.choice(len(pool), min(n, len(pool)), replace=False))]
@@ -213,7 +221,9 @@ def main() -> None:
     log(f"=== measure_world_reward.py {' '.join(sys.argv[1:])}")
     reward = WorldReward(args.reward).eval()
     test, train = test_prompts(), train_prompts()
-    m: dict = {"reward": os.path.relpath(args.reward, ROOT), "targets": TARGETS, "judge_report": args.judge_report}
+    m: dict = {"reward": os.path.relpath(args.reward, ROOT), "targets": TARGETS, "judge_report": args.judge_report,
+               "command": " ".join(["python scripts/measure_world_reward.py", *sys.argv[1:]]),
+               "weights_sha256": weights_sha256(args.reward)}
 
     t0 = time.time()
     m["pairs_test"] = pair_accuracy(reward, test, args.seed)
@@ -279,7 +289,7 @@ def main() -> None:
 def write_md(m: dict, path: str) -> None:
     ok = lambda good: "yes" if good else "**no**"   # noqa: E731
     L = ["# World reward: measured on the test prompts", "",
-         f"Made by `python scripts/measure_world_reward.py --threads 1{' --judge-report' if m.get('judge_report') else ''}` "
+         f"Made by `{m['command']}` "
          f"for `{m['reward']}`; the judge selects, trains and tunes nothing"
          f"{' (it only describes the hack check samples, below)' if m.get('judge_report') else ''}. Targets in brackets.", "",
          "## True render above a one-edit near miss (same prompt, same seed) [>= 0.90 per kind]", "",

@@ -9,7 +9,7 @@ Data (all from the TRAINING split of the prompts; the judge is never consulted):
   the way fine-tuning against an earlier version of this reward spoiled its samples (objects
   painted in stripes, checks or speckles of another or a dimmed colour; ``spoil``): wrong by
   construction, and labelled so (their objects' colour is "none of the palette's").
-  Optionally (not used for the shipped weights), losers that are not renders (``--negatives``, files written by
+  With ``--negatives`` (the shipped weights' third stage), losers that are not renders (files written by
   scripts/measure_world_reward.py --collect): the world model's own samples of training prompts
   and the samples of fine-tuning runs against an earlier reward (what it scored too high). They
   are used only as "a true render of p beats this image for p" (true renders are correct by
@@ -25,13 +25,19 @@ layout too), one draw per image.
 Validation (printed, never used to pick anything but the last step's weights): pairwise accuracy
 per edit kind on a bank of TRAINING prompts held out of the training bank's draws.
 
-Usage (the shipped weights, in two stages; their logs are engine/world/weights/reward/train_log.txt):
+Usage (the shipped weights, in three stages; their logs are engine/world/weights/reward/train_log.txt):
   python scripts/train_world_reward.py --threads 1 --steps 450 --groups 2500 --no-spoiled --out runs/reward_r2
   python scripts/train_world_reward.py --threads 1 --steps 300 --groups 2500 --lr 1e-3 \
-      --init runs/reward_r2 --out engine/world/weights/reward
+      --init runs/reward_r2 --out runs/reward_r3
+  # a round against the model's own and fine-tuned samples: LeapAlign against r3 (1x and 3x the
+  # default job's steps), their samples of training prompts collected, then r3 trained on as losers
+  python scripts/measure_world_reward.py --threads 1 --reward runs/reward_r3 --collect runs/neg_r3
+  python scripts/train_world_reward.py --threads 2 --steps 300 --groups 2500 --lr 5e-4 --init runs/reward_r3 \
+      --negatives runs/neg_r3/base.pt runs/neg_r3/finetune_1x.pt runs/neg_r3/finetune_3x.pt --out runs/reward_r4
 (stage 1 was run before the colour head had its "none of the palette's" class, so its colour head
-had 7 outputs and stage 2 started that head afresh; --init loads every tensor whose shape fits.)
-Then scripts/measure_world_reward.py measures it. The budget is in steps (not minutes) so that
+had 7 outputs and stage 2 started that head afresh; --init loads every tensor whose shape fits.
+runs/reward_r4 is what engine/world/weights/reward ships.)
+Then scripts/measure_world_reward.py measures it (its report there was made on runs/reward_r4). The budget is in steps (not minutes) so that
 the weights do not depend on the machine's load.
 """
 from __future__ import annotations
