@@ -59,7 +59,10 @@ ABLATIONS = {
 LONGER = {"leapalign 2x calls": ("leapalign", {"alpha": 0.3}, 2), "drtune 2x calls": ("drtune", {}, 2),
           "leapalign 3x calls": ("leapalign", {"alpha": 0.3}, 3)}
 RUNS = {**MAIN, **ABLATIONS, **LONGER}
-N_TEST, N_TRAIN, N_GRID = 192, 64, 8
+# every test prompt (742): the judge's evaluation noise on 192 of them (0.018) was the size of the
+# margins between methods; scoring all of them halves it (fixed order, so the curve and grid
+# prompts, the first N_CURVE / N_GRID, are a random draw rather than the split's first kind)
+N_TEST, N_TRAIN, N_GRID = None, 64, 8
 N_CURVE, CURVE_POINTS = 64, 5   # the judge curves: the first 64 test prompts, every budget / 5 calls
 EVAL_SEED = 1234
 
@@ -78,7 +81,8 @@ def start_fingerprint() -> str:
 
 
 def _current(record: dict, job: dict) -> bool:
-    return all(record.get(k) == job[k] for k in ("start", "budget", "time_budget"))
+    return (all(record.get(k) == job[k] for k in ("start", "budget", "time_budget"))
+            and record["test"]["n"] == len(eval_sets()[0]))
 
 
 def _slug(name: str) -> str:
@@ -90,7 +94,7 @@ def eval_sets():
 
     s = split()
     rng = np.random.default_rng(0)
-    test = [s.test[i] for i in sorted(rng.choice(len(s.test), N_TEST, replace=False))]
+    test = [s.test[i] for i in rng.permutation(len(s.test))[:N_TEST]]
     train = [s.train[i] for i in sorted(rng.choice(len(s.train), N_TRAIN, replace=False))]
     return test, train
 
@@ -198,7 +202,7 @@ def eval_noise(out: Path, n: int = 4, threads: int = 1) -> dict:
     path = out / "eval_noise.json"
     if path.exists():
         res = json.loads(path.read_text())
-        if res["start"] == start_fingerprint() and len(res["judge"]) == n and res["prompts"] == N_TEST:
+        if res["start"] == start_fingerprint() and len(res["judge"]) == n and res["prompts"] == len(eval_sets()[0]):
             return res
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
@@ -267,6 +271,11 @@ def summarize(out: Path, names: list[str], edit_pairs: int = 200, start: str | N
         if stale:
             print(f"[study] left out {len(stale)} run(s) made from another start model / reward / config", flush=True)
         runs = [r for r in runs if r.get("start") == start]
+        n_test = len(eval_sets()[0])
+        other = [r["name"] for r in runs if r["test"]["n"] != n_test]
+        if other:
+            print(f"[study] left out {len(other)} run(s) scored on another number of test prompts", flush=True)
+        runs = [r for r in runs if r["test"]["n"] == n_test]
     if not runs:
         raise ValueError(f"no runs to summarize in {out / 'runs'}" + (f" made from start {start}" if start else ""))
     by = {}
@@ -379,7 +388,7 @@ def _longer(by: dict, names: list[str], path: Path) -> tuple[list[str], dict]:
         if len(y) > 1:
             sd = y.std(0, ddof=1)
             ax.fill_between(calls, y.mean(0) - sd, y.mean(0) + sd, alpha=0.15)
-    _save_axes(fig, ax, f"held-out judge ({N_TEST} test prompts, T = 50)", path)
+    _save_axes(fig, ax, f"held-out judge ({pts[0][0]['n']} test prompts, T = 50)", path)
     return lines, data
 
 
@@ -401,8 +410,8 @@ def _versus(rows: dict) -> list[str]:
     more than the seed spread (the larger of the two standard deviations over seeds)."""
     if "leapalign" not in rows:
         return []
-    out = ["", "LeapAlign's test judge against each other run (difference of the seed means; spread: the larger "
-               "standard deviation over seeds; ahead = difference > spread):", "",
+    out = ["", "LeapAlign's test judge against each other run (difference of the seed means ± its standard error; "
+               "spread: the larger standard deviation over seeds; ahead = difference > spread):", "",
            "| against | equal calls: difference | spread | ahead | equal CPU time: difference | spread | ahead |",
            "|---|---|---|---|---|---|---|"]
     la = rows["leapalign"]
@@ -416,7 +425,9 @@ def _versus(rows: dict) -> list[str]:
             a, b = np.asarray(get(la)), np.asarray(get(rows[name]))
             sd = max(a.std(ddof=1) if len(a) > 1 else 0.0, b.std(ddof=1) if len(b) > 1 else 0.0)
             d = a.mean() - b.mean()
-            cells += [f"{d:+.3f}", f"{sd:.3f}", "yes" if d > sd else "no"]
+            # the spread is the issue's bar; the standard error says how well 5 seeds pin the difference
+            se = np.sqrt(sum(x.var(ddof=1) / len(x) for x in (a, b) if len(x) > 1))
+            cells += [f"{d:+.3f} ± {se:.3f}", f"{sd:.3f}", "yes" if d > sd else "no"]
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     return out
 
