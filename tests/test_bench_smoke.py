@@ -219,3 +219,27 @@ def test_gradient_fidelity_against_full_backprop(tmp_path, monkeypatch, restore_
                       checkpoint=str(tmp_path / "ckpt.safetensors"))
     assert res2["per_draw"]["full"]["values"] == pytest.approx([1.0], abs=1e-9)
     assert "ckpt.safetensors" in gf.table(res2)
+
+
+def test_gradient_against_expected(tmp_path, monkeypatch, restore_torch_settings):
+    """bench/gradient_fidelity.py --expected at a toy size: an estimator that is full backprop
+    reproduces the full row exactly; with two groups of half the batches, full backprop's group
+    cosine is the halves' cosine (each half's mean against the other's); too few batches for the
+    largest group is refused."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gradient_fidelity as gf
+
+    monkeypatch.setitem(gf.ESTIMATORS, "exact", ("full", {}))
+    small = ["num_steps=4", "batch_size=2", "method.lam=100"]
+    res = gf.measure_expected(batches=4, names=("exact", "leapalign"), groups=(1, 2), overrides=small, work=tmp_path)
+    g1, g2 = res["groups"]["1"], res["groups"]["2"]
+    assert len(g1["full"]["values"]) == 4 and len(g2["full"]["values"]) == 2
+    for g in (g1, g2):
+        assert g["exact"]["values"] == pytest.approx(g["full"]["values"], abs=1e-9)
+        assert all(-1 <= c <= 1 for c in g["leapalign"]["values"])
+    assert g2["full"]["values"] == pytest.approx([res["halves_cosine"]] * 2, abs=1e-9)
+    assert res["zero_loss_batches"] == 0   # lam 100: every sample pushed
+    table = gf.table_expected(res)
+    assert re.search(r"\| leapalign \| -?\d\.\d{3} ± \d\.\d{3} \| -?\d\.\d{3} ± \d\.\d{3} \|", table)
+    with pytest.raises(ValueError, match="--batches 3"):
+        gf.measure_expected(batches=3, groups=(1, 2), overrides=small, work=tmp_path)
