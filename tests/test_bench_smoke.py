@@ -53,6 +53,7 @@ def test_study_runs_and_summarizes(tmp_path, monkeypatch, restore_torch_settings
     # the CPU-time budget ran out after the first step: scored there, on the test prompts
     assert res["at_time"]["steps"] == 1 and res["at_time"]["test"]["n"] == 6
     assert [p["calls"] for p in res["judge_curve"]] == [25, 50] and res["train_cpu_seconds"] > 0
+    assert res["batch_size"] == 8   # configs/world.yaml's
     # a record is reused only by a job from the same start model / reward / config and budgets
     job = {"start": study.start_fingerprint(), "budget": 30, "time_budget": 1e-3}
     assert res["start"] == job["start"] and study._current(res, job)
@@ -70,7 +71,16 @@ def test_study_runs_and_summarizes(tmp_path, monkeypatch, restore_torch_settings
     # the first noise seed is the one every run is scored with
     base = json.loads((tmp_path / "runs" / "base__s0.json").read_text())
     assert noise["judge"][0] == pytest.approx(base["test"]["judge"])
-    rows = study.summarize(tmp_path, ["base", "leapalign", "leapalign 2x calls"], edit_pairs=4, start=job["start"])
+    # the batch-32 pair: its own config override, the same call budget, and its own line in the spread test
+    monkeypatch.setitem(study.RUNS, "leapalign batch 32", ("leapalign", {"alpha": 0.3}, 1, ("batch_size=3",)))
+    monkeypatch.setitem(study.RUNS, "drtune batch 32", ("drtune", {}, 1, ("batch_size=3",)))
+    for name in ("leapalign batch 32", "drtune batch 32"):
+        b = study.run_one({"name": name, "seed": 0, "budget": 25, "out": str(tmp_path), "threads": 1,
+                           "time_budget": 1e-3, "start": job["start"]})
+        assert b["batch_size"] == 3 and b["model_calls"] >= 25
+    rows = study.summarize(tmp_path, ["base", "leapalign", "leapalign 2x calls", "leapalign batch 32", "drtune batch 32"],
+                           edit_pairs=4, start=job["start"])
+    assert "| drtune batch 32 (against leapalign batch 32) | " in (tmp_path / "table.md").read_text()
     assert {"base", "leapalign", "_reward_by_edit", "_longer", "_eval_noise"} <= set(rows)
     assert rows["_longer"]["leapalign 2x calls"]["calls"] == [25, 50, 75, 100]
     table = (tmp_path / "table.md").read_text()
