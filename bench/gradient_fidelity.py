@@ -66,31 +66,46 @@ def _cos(a, b) -> float:
     return float(torch.dot(a, b)) / n if n > 0 else float("nan")
 
 
-def measure(batches: int = 8, draws: int = 4, seed: int = 0, names: list[str] | None = None,
-            overrides: list[str] = (), work: Path | None = None, checkpoint: str | None = None) -> dict:
-    import torch
-
+def _setup(names, overrides, work, checkpoint) -> tuple:
+    """The trainer on configs/world.yaml (at ``checkpoint``'s raw weights, the ones training takes
+    gradients of), the named estimators and full backprop, all with the config's lam."""
     from engine.config import load_config
     from engine.methods import make_method
     from engine.trainer import LeapTrainer
 
-    names = list(ESTIMATORS) if names is None else names
     work = work or ROOT / "runs" / "gradient_fidelity"
     cfg = load_config(ROOT / "configs" / "world.yaml", [f"output_dir={work}", *overrides])
     tr = LeapTrainer(cfg)
     if checkpoint:
-        tr.load_checkpoint(checkpoint)   # the raw weights, the ones training takes gradients of
+        tr.load_checkpoint(checkpoint)
     methods = {n: make_method(ESTIMATORS[n][0], lam=cfg.method.lam, **ESTIMATORS[n][1]) for n in names}
-    full = make_method("full", lam=cfg.method.lam)
+    return tr, methods, make_method("full", lam=cfg.method.lam)
+
+
+def _batch(tr, gen) -> tuple:
+    """One training batch: prompts drawn with replacement, their initial noise and conditioning."""
+    import torch
+
+    cfg = tr.cfg
+    idx = torch.randint(len(tr.prompts), (cfg.batch_size,), generator=gen).tolist()
+    prompts = [tr.prompts[i] for i in idx]
+    x1 = tr.adapter.noise(cfg.batch_size, cfg.model.height, cfg.model.width, generator=gen, device=tr.device)
+    return prompts, x1, tr.condition(prompts)
+
+
+def measure(batches: int = 8, draws: int = 4, seed: int = 0, names: list[str] | None = None,
+            overrides: list[str] = (), work: Path | None = None, checkpoint: str | None = None) -> dict:
+    import torch
+
+    names = list(ESTIMATORS) if names is None else names
+    tr, methods, full = _setup(names, overrides, work, checkpoint)
+    cfg = tr.cfg
     per_draw = {n: [] for n in names}
     of_mean = {n: [] for n in names}
     skipped = 0
     gen = torch.Generator().manual_seed(seed)
     for b in range(batches):
-        idx = torch.randint(len(tr.prompts), (cfg.batch_size,), generator=gen).tolist()
-        prompts = [tr.prompts[i] for i in idx]
-        x1 = tr.adapter.noise(cfg.batch_size, cfg.model.height, cfg.model.width, generator=gen, device=tr.device)
-        cond = tr.condition(prompts)
+        prompts, x1, cond = _batch(tr, gen)
         g_full, loss = _grad(tr, full, cond, prompts, x1, gen)
         if loss == 0:   # every sample past lam: no gradient to compare with
             skipped += 1
@@ -117,28 +132,16 @@ def measure_expected(batches: int = 48, seed: int = 0, names: tuple = EXPECTED, 
                      overrides: list[str] = (), work: Path | None = None, checkpoint: str | None = None) -> dict:
     import torch
 
-    from engine.config import load_config
-    from engine.methods import make_method
-    from engine.trainer import LeapTrainer
-
     if batches < 2 * max(groups):
         raise ValueError(f"--batches {batches} must be at least twice the largest group ({max(groups)})")
-    work = work or ROOT / "runs" / "gradient_fidelity"
-    cfg = load_config(ROOT / "configs" / "world.yaml", [f"output_dir={work}", *overrides])
-    tr = LeapTrainer(cfg)
-    if checkpoint:
-        tr.load_checkpoint(checkpoint)
-    methods = {n: make_method(ESTIMATORS[n][0], lam=cfg.method.lam, **ESTIMATORS[n][1]) for n in names}
-    full = make_method("full", lam=cfg.method.lam)
+    tr, methods, full = _setup(names, overrides, work, checkpoint)
+    cfg = tr.cfg
     # float32 rows keep 48 batches x 5 gradients of ~1M parameters near 1 GB; dots are taken in float64
     grads = {n: [] for n in ("full", *names)}
     zero_loss = 0
     gen = torch.Generator().manual_seed(seed)
     for b in range(batches):
-        idx = torch.randint(len(tr.prompts), (cfg.batch_size,), generator=gen).tolist()
-        prompts = [tr.prompts[i] for i in idx]
-        x1 = tr.adapter.noise(cfg.batch_size, cfg.model.height, cfg.model.width, generator=gen, device=tr.device)
-        cond = tr.condition(prompts)
+        prompts, x1, cond = _batch(tr, gen)
         g_full, loss = _grad(tr, full, cond, prompts, x1, gen)
         zero_loss += loss == 0   # every sample past lam: a zero gradient, still part of the expectation
         grads["full"].append(g_full.float())
