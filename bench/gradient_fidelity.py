@@ -66,6 +66,11 @@ def _cos(a, b) -> float:
     return float(torch.dot(a, b)) / n if n > 0 else float("nan")
 
 
+def _stat(v: list) -> dict:
+    """Mean and standard deviation of cosines; NaN (a zero gradient) left out of both."""
+    return {"mean": float(np.nanmean(v)), "std": float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0, "values": v}
+
+
 def _setup(names, overrides, work, checkpoint) -> tuple:
     """The trainer on configs/world.yaml (at ``checkpoint``'s raw weights, the ones training takes
     gradients of), the named estimators and full backprop, all with the config's lam."""
@@ -117,12 +122,10 @@ def measure(batches: int = 8, draws: int = 4, seed: int = 0, names: list[str] | 
             of_mean[n].append(_cos(torch.stack(gs).mean(0), g_full))
     for p in tr.params.values():
         p.grad = None
-    stat = lambda v: {"mean": float(np.nanmean(v)), "std": float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0,  # noqa: E731
-                      "values": v}
     return {"batches": batches - skipped, "draws": draws, "seed": seed, "lam": cfg.method.lam, "checkpoint": checkpoint,
             "num_steps": cfg.num_steps, "batch_size": cfg.batch_size,
-            "per_draw": {n: stat(v) for n, v in per_draw.items()},
-            "of_mean": {n: stat(v) for n, v in of_mean.items()}}
+            "per_draw": {n: _stat(v) for n, v in per_draw.items()},
+            "of_mean": {n: _stat(v) for n, v in of_mean.items()}}
 
 
 EXPECTED = ("refl", "draft-lv", "drtune", "leapalign")
@@ -162,12 +165,10 @@ def measure_expected(batches: int = 48, seed: int = 0, names: tuple = EXPECTED, 
         res[m] = row
     half = batches // 2
     split = _cos(stacked["full"][:half].double().mean(0), stacked["full"][half:2 * half].double().mean(0))
-    stat = lambda v: {"mean": float(np.nanmean(v)), "std": float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0,  # noqa: E731
-                      "values": v}
     return {"batches": batches, "seed": seed, "lam": cfg.method.lam, "checkpoint": checkpoint,
             "num_steps": cfg.num_steps, "batch_size": cfg.batch_size, "zero_loss_batches": int(zero_loss),
             "halves_cosine": split,
-            "groups": {str(m): {n: stat(v) for n, v in row.items()} for m, row in res.items()}}
+            "groups": {str(m): {n: _stat(v) for n, v in row.items()} for m, row in res.items()}}
 
 
 def table_expected(res: dict) -> str:
