@@ -66,6 +66,9 @@ BATCH = {"leapalign batch 32": ("leapalign", {"alpha": 0.3}, 1, ("batch_size=32"
          "drtune batch 32": ("drtune", {}, 1, ("batch_size=32",))}
 OPT_IN = {**LONGER, **BATCH}
 RUNS = {**MAIN, **ABLATIONS, **OPT_IN}
+# the spread test's (mine, against) pairs: LeapAlign against the base and each main method, and the
+# batch-32 pair against each other
+VERSUS = [*[("leapalign", n) for n in ["base", *MAIN] if n != "leapalign"], ("leapalign batch 32", "drtune batch 32")]
 # every test prompt (742): the judge's evaluation noise on 192 of them (0.018) was the size of the
 # margins between methods; scoring all of them halves it (fixed order, so the curve and grid
 # prompts, the first N_CURVE / N_GRID, are a random draw rather than the split's first kind)
@@ -422,9 +425,7 @@ def _versus(rows: dict) -> list[str]:
                "spread: the larger standard deviation over seeds; ahead = difference > spread):", "",
            "| against | equal calls: difference | spread | ahead | equal CPU time: difference | spread | ahead |",
            "|---|---|---|---|---|---|---|"]
-    pairs = [("leapalign", n) for n in ["base", *MAIN] if n != "leapalign"]
-    pairs.append(("leapalign batch 32", "drtune batch 32"))   # opt-in: the same test at 4x the batch
-    for mine, name in pairs:
+    for mine, name in VERSUS:
         if mine not in rows or name not in rows:
             continue
         la = rows[mine]
